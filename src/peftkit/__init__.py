@@ -1,0 +1,26 @@
+"""peftkit: parameter-efficient fine-tuning that makes the classic PEFT mistakes impossible.
+
+    import peftkit
+    pm = peftkit.attach(model, peftkit.LoraConfig(r=8, alpha=16))
+    pm.save("out/adapter")
+    pm = peftkit.load(fresh_model, "out/adapter")
+"""
+
+from .config import LoraConfig, config_from_dict
+from .io import AdapterFileError, load
+from .methods.lora import LoraEmbedding, LoraFunction, LoraLinear
+from .model import PeftModel, attach
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "LoraConfig",
+    "LoraEmbedding",
+    "LoraFunction",
+    "LoraLinear",
+    "PeftModel",
+    "attach",
+    "config_from_dict",
+    "load",
+]

@@ -1,0 +1,252 @@
+"""Adapter files (M10): ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The layout, key names and config fields are Hugging Face PEFT's, so an adapter moves
+between the two libraries both ways:
+
+    base_model.model.<module path>.lora_A.weight        (r, in)
+    base_model.model.<module path>.lora_B.weight        (out, r)
+    base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
+    base_model.model.<module path>.lora_embedding_B     (dim, r)
+
+Only adapter weights are written. Files are written atomically (temporary file, fsync,
+rename), so a crash leaves either the old adapter or the new one, never half of one.
+Nothing is unpickled: safetensors, or a legacy ``.bin`` through ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .config import LoraConfig, PeftConfig
+from .model import PeftModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be used: missing, corrupt or made for another model."""
+
+
+# peftkit field <-> Hugging Face PEFT field.
+_LORA_FIELDS = {
+    "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+    "use_rslora": "use_rslora", "bias": "bias",
+    "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
+}
+# PEFT fields that only describe the file or the initialisation (loaded weights replace it).
+_PEFT_INFORMATIONAL = {
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out",
+    "init_lora_weights", "megatron_core", "runtime_config", "qalora_group_size",
+    "ensure_weight_tying",
+}
+# PEFT features peftkit does not implement: accepted only when switched off.
+_PEFT_UNSUPPORTED = {
+    "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
+    "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "modules_to_save",
+}
+
+
+# -- writing --------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_adapter_folder(directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the two adapter files. A new folder appears whole (built aside, then renamed);
+    in an existing folder the weights are replaced first and the config last, each atomically,
+    and nothing else in the folder is touched."""
+    directory = Path(directory)
+    payload = save_safetensors_bytes(
+        {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, metadata={"format": "pt"}
+    )
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    if directory.exists():
+        if not directory.is_dir():
+            raise AdapterFileError(f"{directory} exists and is not a folder.")
+        _atomic_write_bytes(directory / WEIGHTS_NAME, payload)
+        _atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        _atomic_write_bytes(staging / WEIGHTS_NAME, payload)
+        _atomic_write_bytes(staging / CONFIG_NAME, config_bytes)
+        os.replace(staging, directory)
+    except BaseException:
+        for f in staging.glob("*"):
+            f.unlink()
+        staging.rmdir()
+        raise
+    return directory
+
+
+def lora_config_to_peft(config: LoraConfig, target_names: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+    """The adapter_config.json that Hugging Face PEFT writes for the same LoRA."""
+    data = {peft: getattr(config, ours) for ours, peft in _LORA_FIELDS.items()}
+    data.update(
+        peft_type="LORA", target_modules=target_names, fan_in_fan_out=fan_in_fan_out,
+        inference_mode=True, init_lora_weights=True, modules_to_save=None,
+    )
+    return data
+
+
+def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
+    """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only)."""
+    if name not in model.configs:
+        raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
+    config = model.configs[name]
+    data = lora_config_to_peft(config, model.saved_target_names(name), model.uses_conv1d(name))
+    return write_adapter_folder(directory, data, model.adapter_tensors(name))
+
+
+# -- reading --------------------------------------------------------------------------
+def read_config(directory: str | Path) -> PeftConfig:
+    """Parse and validate ``adapter_config.json`` (peftkit's or Hugging Face PEFT's)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder {directory} does not exist.")
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}; is it an adapter folder?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated.") from e
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object.")
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{path}: unknown or unsupported peft_type {peft_type!r}; peftkit reads ['LORA'].")
+    return _lora_config_from_peft(data, path)
+
+
+def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
+    ours = {v: k for k, v in _LORA_FIELDS.items()}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ours:
+            kwargs[ours[key]] = value
+        elif key in _PEFT_UNSUPPORTED:
+            if value not in (None, False, {}, []):
+                raise AdapterFileError(
+                    f"{path}: field {key}={value!r} asks for a Hugging Face PEFT feature that "
+                    "peftkit does not implement; load this adapter with PEFT instead."
+                )
+        elif key not in _PEFT_INFORMATIONAL:
+            raise AdapterFileError(f"{path}: unknown config field {key!r}; the file is not a LoRA adapter config peftkit knows.")
+    if "lora_alpha" not in data or "r" not in data:
+        raise AdapterFileError(f"{path}: a LoRA config needs 'r' and 'lora_alpha'.")
+    try:
+        return LoraConfig(**kwargs)
+    except ValueError as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+
+
+def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Load the adapter weights without unpickling anything."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_safetensors_bytes(path.read_bytes())
+        except (SafetensorError, ValueError, OSError) as e:
+            raise AdapterFileError(f"{path} is corrupt or truncated ({e}); save the adapter again.") from e
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise AdapterFileError(
+                f"{legacy} was refused: it is corrupt or holds objects other than tensors, and "
+                f"peftkit never unpickles arbitrary objects ({e}). Convert it to safetensors."
+            ) from e
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterFileError(f"{legacy} does not hold a flat name -> tensor mapping.")
+        return tensors
+    raise AdapterFileError(f"{directory} has no {WEIGHTS_NAME} (nor a legacy {LEGACY_WEIGHTS_NAME}).")
+
+
+def _check_tensors(model: PeftModel, name: str, found: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = model.adapter_tensors(name)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+    for key in sorted(set(expected) & set(found)):
+        if tuple(expected[key].shape) != tuple(found[key].shape):
+            problems.append(f"{key}: expected shape {tuple(expected[key].shape)}, found {tuple(found[key].shape)}")
+    if problems:
+        raise AdapterFileError(
+            f"adapter {directory} does not fit this model (was it saved for another base model?): "
+            + "; ".join(problems[:6])
+        )
+
+
+def load_adapter_into(model: PeftModel, directory: str | Path, name: str, trainable: bool = False) -> None:
+    """Attach the adapter saved in ``directory`` to ``model`` under ``name``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = read_tensors(directory)
+    _warn_on_other_base(model, config)
+    try:
+        model.add_adapter(config, name)
+    except ValueError as e:
+        raise AdapterFileError(f"adapter {directory} does not fit this model: {e}") from e
+    try:
+        _check_tensors(model, name, tensors, directory)
+    except AdapterFileError:
+        model.delete_adapter(name)
+        raise
+    model.load_adapter_tensors(name, tensors)
+    model.set_trainable(name, trainable)
+
+
+def _warn_on_other_base(model: PeftModel, config: PeftConfig) -> None:
+    saved = config.base_model_name_or_path
+    current = getattr(getattr(model.base_model, "config", None), "name_or_path", None)
+    if saved and current and Path(saved).name != Path(current).name:
+        warnings.warn(
+            f"this adapter was trained on {saved!r} but the model is {current!r}; the shapes fit, "
+            "but the outputs will only be right on the same base model.",
+            UserWarning, stacklevel=3,
+        )
+
+
+def load(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False) -> PeftModel:
+    """Load a saved adapter (peftkit's or Hugging Face PEFT's) onto ``model``.
+
+    ``trainable=False`` (the default, as in PEFT) loads it frozen for inference; pass True to
+    continue training it.
+    """
+    peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
+    load_adapter_into(peft_model, directory, name, trainable=trainable)
+    return peft_model

@@ -1,0 +1,1 @@
+"""One module per PEFT method; each imports only torch and ``peftkit.config``."""

@@ -1,0 +1,320 @@
+"""LoRA layers: h = W x + b + s · B A x, with A (r, in), B (out, r) and s = alpha / r.
+
+``LoraLinear`` wraps an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (whose weight is stored
+transposed, ``fan_in_fan_out=True``); ``LoraEmbedding`` wraps an ``nn.Embedding``. Each
+keeps the original module inside as ``base_layer`` so that ``unwrap()`` gives it back.
+
+Training goes through ``LoraFunction``, a hand-written autograd function: the base weight
+is frozen, so its gradient (an (out, in) matrix per layer, as large as the weight) is
+never formed, and the backward keeps only what it needs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterModule
+
+
+class LoraFunction(torch.autograd.Function):
+    """y = x W_io + b + s · (d(x) Aᵀ) Bᵀ, never forming the gradient of W.
+
+    Shapes: x (..., in), W_io (in, out) — the base weight in input-major layout, so
+    ``Linear.weight.t()`` or ``Conv1D.weight`` as stored — b (out,), A (r, in),
+    B (out, r), y (..., out). ``d`` is dropout on the LoRA path, given as a boolean keep
+    mask (..., in) and a keep probability; W_io and b may be None (then y is only the
+    LoRA term, used for a second active adapter).
+
+    Saved for backward: x (the layer input, usually shared with the sibling q/k/v
+    projections, so it costs nothing extra), the keep mask as booleans (1 byte per
+    element instead of a 4-byte dropped copy of x, and only when dropout > 0) and
+    u = d(x) Aᵀ (N, r). u is r/in the size of x — 1.6% for r = 8, in = 512 — while
+    recomputing it would cost a second (N, in) × (in, r) product in every backward, so
+    keeping it is the cheaper choice. Gradients:
+        grad_x = g W_ioᵀ + s · d(g B A)      grad_A = s · (g B)ᵀ d(x)
+        grad_B = s · gᵀ u                    grad_b = Σ g     grad_W: never
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_io, bias, lora_a, lora_b, scaling: float, keep_mask, keep_prob: float):
+        in_features = lora_a.shape[1]
+        x2d = x.reshape(-1, in_features)
+        mask2d = None if keep_mask is None else keep_mask.reshape(-1, in_features)
+        dropped = x2d if mask2d is None else x2d * mask2d / keep_prob
+        u = dropped @ lora_a.t()
+        if weight_io is None:
+            y = torch.mm(u, lora_b.t()).mul_(scaling)
+        else:
+            y = x2d @ weight_io if bias is None else torch.addmm(bias, x2d, weight_io)
+            y.addmm_(u, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2d, weight_io, lora_a, lora_b, u, mask2d)
+        ctx.scaling, ctx.keep_prob, ctx.x_shape = scaling, keep_prob, x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight_io, lora_a, lora_b, u, mask2d = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        if need_w:
+            raise RuntimeError("LoraFunction never computes the base weight's gradient; freeze it.")
+        grad_x = grad_bias = grad_a = grad_bb = None
+        g_b = g @ lora_b if (need_x or need_a) else None  # (N, r)
+        if need_x:
+            if mask2d is None:
+                if weight_io is None:
+                    grad_x = (g_b @ lora_a).mul_(s)
+                else:
+                    grad_x = (g @ weight_io.t()).addmm_(g_b, lora_a, alpha=s)
+            else:
+                lora_part = (g_b @ lora_a).mul_(mask2d).mul_(s / ctx.keep_prob)
+                grad_x = lora_part if weight_io is None else lora_part.addmm_(g, weight_io.t())
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_a:
+            dropped = x2d if mask2d is None else x2d * mask2d / ctx.keep_prob
+            grad_a = (g_b.t() @ dropped).mul_(s)
+        if need_bb:
+            grad_bb = (g.t() @ u).mul_(s)
+        if ctx.has_bias and need_b:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None
+
+
+class LoraLayer(AdapterModule):
+    """State shared by every LoRA layer: named adapters, which are active, which merged."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.train_bias = False
+
+    # -- adapter protocol -------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.scaling)
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        if self.merged_adapters and set(names) != set(self.merged_adapters):
+            raise RuntimeError(
+                f"adapters {self.merged_adapters} are merged into the weights; unmerge() "
+                "before changing which adapters are active."
+            )
+        self.active_adapters = [n for n in names if n in self.scaling]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it.")
+        for table in self._parameter_tables():
+            del table[name]
+        del self.scaling[name], self.dropout[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _parameter_tables(self) -> list[nn.ParameterDict]:
+        raise NotImplementedError
+
+    def _trained_bias(self) -> Iterator[tuple[str, nn.Parameter]]:
+        bias = getattr(self.base_layer, "bias", None)
+        if self.train_bias and bias is not None:
+            yield "base_layer.bias", bias
+
+    # -- merging ----------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A in the layout of ``base_layer.weight``."""
+        raise NotImplementedError
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self) -> None:
+        """Fold every active adapter into the base weight: W ← W + s · B A."""
+        if self.merged:
+            warnings.warn("LoRA layer is already merged; merge() did nothing.", stacklevel=3)
+            return
+        with torch.no_grad():
+            for name in self.active_adapters:
+                self.base_layer.weight.add_(self.delta_weight(name))
+        self.merged_adapters = list(self.active_adapters)
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: W ← W − s · B A (exact up to float rounding)."""
+        if not self.merged:
+            warnings.warn("LoRA layer is not merged; unmerge() did nothing.", stacklevel=3)
+            return
+        with torch.no_grad():
+            for name in self.merged_adapters:
+                self.base_layer.weight.sub_(self.delta_weight(name))
+        self.merged_adapters = []
+
+    def unwrap(self) -> nn.Module:
+        """The original module (with whatever is merged into it)."""
+        return self.base_layer
+
+    def _lora_active(self) -> bool:
+        return bool(self.active_adapters) and not self.merged
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out)).
+
+    Args:
+        base_layer: the wrapped module; its weight is used, never copied.
+        fan_in_fan_out: True when the weight is stored (in, out), as in ``Conv1D``.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight
+        self.in_features, self.out_features = (
+            weight.shape if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        )
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def _parameter_tables(self) -> list[nn.ParameterDict]:
+        return [self.lora_A, self.lora_B]
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, train_bias: bool = False) -> None:
+        """Create adapter ``name``: A Kaiming-uniform, B zero, so B A = 0 at init (M2)."""
+        weight = self.base_layer.weight
+        lora_a = torch.empty(r, self.in_features, device=weight.device, dtype=weight.dtype)
+        # Same init as nn.Linear's weight (and Hugging Face PEFT's A).
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(lora_a)
+        self.lora_B[name] = nn.Parameter(
+            torch.zeros(self.out_features, r, device=weight.device, dtype=weight.dtype)
+        )
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout[name] = float(dropout)
+        self.train_bias = self.train_bias or train_bias
+
+    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        for adapter in [name] if name is not None else self.adapter_names:
+            yield f"lora_A.{adapter}", self.lora_A[adapter]
+            yield f"lora_B.{adapter}", self.lora_B[adapter]
+        yield from self._trained_bias()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        tensors.update({"bias": p for _, p in self._trained_bias()})
+        return tensors
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_A[name].copy_(tensors["lora_A.weight"])
+            self.lora_B[name].copy_(tensors["lora_B.weight"])
+            if "bias" in tensors:
+                self.base_layer.bias.copy_(tensors["bias"])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _weight_io(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight if self.fan_in_fan_out else weight.t()
+
+    def _keep_mask(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        p = self.dropout[name]
+        if p == 0.0 or not self.training:
+            return None
+        return torch.rand_like(x) >= p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._lora_active():
+            return self.base_layer(x)
+        if self.base_layer.weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "the base weight of a LoRA layer requires grad (mistake M1: base weights left "
+                "trainable). LoRA trains only A and B; call peftkit.attach() again or set "
+                "requires_grad=False on the base weights."
+            )
+        bias = self.base_layer.bias
+        first, *others = self.active_adapters
+        y = self._apply(x, first, self._weight_io(), bias)
+        for name in others:
+            y = y + self._apply(x, name, None, None)
+        return y
+
+    def _apply(self, x, name, weight_io, bias):
+        p = self.dropout[name]
+        return LoraFunction.apply(
+            x, weight_io, bias, self.lora_A[name], self.lora_B[name],
+            self.scaling[name], self._keep_mask(x, name), 1.0 - p,
+        )
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].shape[0] for n in self.adapter_names}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: E[i] + s · (B A)ᵀ[i], with A (r, num), B (dim, r).
+
+    Following Hugging Face PEFT, A starts at zero and B random (the product is still
+    zero at init), and there is no dropout on an index lookup.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _parameter_tables(self) -> list[nn.ParameterDict]:
+        return [self.lora_embedding_A, self.lora_embedding_B]
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, train_bias: bool = False) -> None:
+        weight = self.base_layer.weight
+        self.lora_embedding_A[name] = nn.Parameter(
+            torch.zeros(r, self.num_embeddings, device=weight.device, dtype=weight.dtype)
+        )
+        lora_b = torch.empty(self.embedding_dim, r, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(lora_b)
+        self.lora_embedding_B[name] = nn.Parameter(lora_b)
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout[name] = 0.0
+
+    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        for adapter in [name] if name is not None else self.adapter_names:
+            yield f"lora_embedding_A.{adapter}", self.lora_embedding_A[adapter]
+            yield f"lora_embedding_B.{adapter}", self.lora_embedding_B[adapter]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name],
+                "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_embedding_A[name].copy_(tensors["lora_embedding_A"])
+            self.lora_embedding_B[name].copy_(tensors["lora_embedding_B"])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        # (dim, r) @ (r, num) -> (dim, num); the embedding table is (num, dim).
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).t() * self.scaling[name]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        if not self._lora_active():
+            return y
+        base = self.base_layer
+        for name in self.active_adapters:
+            after_a = F.embedding(ids, self.lora_embedding_A[name].t(), base.padding_idx,
+                                  base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            y = y + (after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        return y

@@ -1,0 +1,501 @@
+"""A small GPT-style decoder that peftkit's demos and tests run without downloads.
+
+Pre-LayerNorm blocks with learned absolute positions, written out explicitly so the
+whole model reads in one sitting. It follows the Hugging Face causal-LM conventions
+that adapters depend on: ``attention_mask`` covers past + current tokens, labels are
+shifted inside ``forward``, the KV cache is a tuple over layers of ``(key, value)``,
+and ``generate`` returns prompt + new tokens.
+
+Shapes: B = batch, T = current tokens, P = cached (past) tokens, N = prefix tokens,
+H = heads, D = head_dim = hidden_size / H, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+KeyValue = Tuple[Tensor, Tensor]
+PastKeyValues = Tuple[KeyValue, ...]
+
+
+@dataclass
+class ReferenceConfig:
+    """Sizes of a :class:`ReferenceDecoder`; the defaults match :class:`ByteTokenizer`."""
+
+    vocab_size: int = 260
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    model_type: ClassVar[str] = "peftkit-reference"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ReferenceConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReferenceConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"model_type is {model_type!r}, expected {cls.model_type!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ReferenceConfig field(s): {', '.join(unknown)}; "
+                f"known fields are {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class ReferenceOutput:
+    """``loss`` is a scalar or None; ``logits`` is (B, T, V); ``past_key_values`` is
+    a tuple over layers of (key, value), each (B, H, P + T, D), or None."""
+
+    loss: Optional[Tensor]
+    logits: Tensor
+    past_key_values: Optional[PastKeyValues] = None
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention with explicit masking.
+
+    out = o(softmax(q kᵀ / sqrt(D) masked) v), with keys and values ordered
+    [prefix, past, current]. The four projections are plain ``nn.Linear`` named
+    ``q``, ``k``, ``v``, ``o`` so that adapters can target them by name.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+        self.v = nn.Linear(hidden_size, hidden_size)
+        self.o = nn.Linear(hidden_size, hidden_size)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        allowed: Tensor,
+        past_key_value: Optional[KeyValue] = None,
+        prefix_key_value: Optional[KeyValue] = None,
+    ) -> Tuple[Tensor, KeyValue]:
+        """hidden (B, T, C); allowed (B, 1, T, N + P + T) bool, True where a query may
+        look. Returns the output (B, T, C) and this layer's cache (B, H, P + T, D),
+        which never includes the prefix."""
+        query = self._split_heads(self.q(hidden))
+        key = self._split_heads(self.k(hidden))
+        value = self._split_heads(self.v(hidden))
+        if past_key_value is not None:
+            # torch.cat builds new tensors: the caller's cache stays untouched.
+            key = torch.cat([past_key_value[0], key], dim=2)
+            value = torch.cat([past_key_value[1], value], dim=2)
+        present = (key, value)
+        if prefix_key_value is not None:
+            key = torch.cat([prefix_key_value[0], key], dim=2)
+            value = torch.cat([prefix_key_value[1], value], dim=2)
+
+        scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
+        # A finite fill instead of -inf: a query that may see nothing (a pad query)
+        # gets a uniform softmax, not NaN, and real rows still give masked keys
+        # exactly zero weight because exp(min - max) underflows to 0.
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        context = scores.softmax(dim=-1) @ value
+        batch, _, seq, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o(context), present
+
+
+class FeedForward(nn.Module):
+    """down(GELU(up(x))): C -> intermediate_size -> C."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.down = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm block: h = x + attn(ln_attn(x)); out = h + mlp(ln_mlp(h))."""
+
+    def __init__(self, config: ReferenceConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config.hidden_size, config.num_heads)
+        self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        allowed: Tensor,
+        past_key_value: Optional[KeyValue] = None,
+        prefix_key_value: Optional[KeyValue] = None,
+    ) -> Tuple[Tensor, KeyValue]:
+        attn_out, present = self.attn(self.ln_attn(hidden), allowed, past_key_value, prefix_key_value)
+        hidden = hidden + attn_out
+        hidden = hidden + self.mlp(self.ln_mlp(hidden))
+        return hidden, present
+
+
+class ReferenceDecoder(nn.Module):
+    """GPT-style causal language model: embeddings -> blocks -> LayerNorm -> lm_head.
+
+    ``lm_head.weight`` is the same Parameter as ``embed_tokens.weight`` when
+    ``config.tie_word_embeddings``.
+    """
+
+    peft_default_targets: ClassVar[Tuple[str, ...]] = ("q", "v")
+    peft_attention_targets: ClassVar[Tuple[str, ...]] = ("q", "k", "v", "o")
+
+    def __init__(self, config: ReferenceConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_positions, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # GPT-2's scheme: small normal weights keep the initial logits near uniform.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        past_key_values: Optional[Sequence[KeyValue]] = None,
+        use_cache: bool = False,
+        prefix_key_values: Optional[Sequence[KeyValue]] = None,
+    ) -> ReferenceOutput:
+        """Run the decoder on T new tokens.
+
+        Args:
+            input_ids: (B, T) token ids; give this or ``inputs_embeds``, not both.
+            attention_mask: (B, P + T), 1 for real tokens and 0 for padding, covering
+                the cached tokens too. None means every token is real.
+            labels: (B, T) targets aligned with the inputs; the logits at t are scored
+                against labels[t + 1], -100 is ignored, and the loss is the mean over
+                the scored tokens.
+            position_ids: (B, T). By default each row counts only its real tokens
+                (mask cumsum - 1, clamped at 0), so a padded row sits exactly where it
+                would alone; without a mask, positions are P + arange(T).
+            inputs_embeds: (B, T, C) token embeddings in place of ``input_ids``.
+            past_key_values: the cache returned by an earlier call with ``use_cache``.
+            use_cache: return the updated cache in ``past_key_values``.
+            prefix_key_values: one (key, value) per layer, each (B, H, N, D), that every
+                query may attend to, placed before the past and current keys. The
+                prefix is not part of ``attention_mask``, is never cached or returned,
+                and does not move positions: it is the hook prefix tuning uses.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        past_length = self._check_past(past_key_values, batch)
+        n_prefix = self._check_prefix(prefix_key_values, batch)
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + seq):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"(batch, past + current tokens) = ({batch}, {past_length + seq})"
+            )
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq, device=device)
+                position_ids = position_ids.unsqueeze(0).expand(batch, seq)
+        if seq and int(position_ids.max()) >= self.config.max_positions:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_positions "
+                f"({self.config.max_positions})"
+            )
+
+        hidden = inputs_embeds + self.embed_positions(position_ids)
+        allowed = self._allowed_keys(attention_mask, batch, seq, past_length, n_prefix, device)
+        presents = []
+        for index, layer in enumerate(self.layers):
+            past = past_key_values[index] if past_key_values is not None else None
+            prefix = prefix_key_values[index] if n_prefix else None
+            hidden, present = layer(hidden, allowed, past, prefix)
+            presents.append(present)
+        logits = self.lm_head(self.norm(hidden))
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).to(device),
+                ignore_index=-100,
+            )
+        return ReferenceOutput(loss=loss, logits=logits,
+                               past_key_values=tuple(presents) if use_cache else None)
+
+    def _check_past(self, past_key_values: Optional[Sequence[KeyValue]], batch: int) -> int:
+        """Validate the cache and return its length P."""
+        if past_key_values is None:
+            return 0
+        if len(past_key_values) != self.config.num_layers:
+            raise ValueError(
+                f"past_key_values has {len(past_key_values)} layers, the model has "
+                f"{self.config.num_layers}"
+            )
+        key = past_key_values[0][0]
+        expected = (batch, self.config.num_heads, key.shape[2], self.config.head_dim)
+        if tuple(key.shape) != expected:
+            raise ValueError(f"past key has shape {tuple(key.shape)}, expected {expected}")
+        return key.shape[2]
+
+    def _check_prefix(self, prefix_key_values: Optional[Sequence[KeyValue]], batch: int) -> int:
+        """Validate the prefix and return its length N (0 when absent)."""
+        if prefix_key_values is None:
+            return 0
+        if len(prefix_key_values) != self.config.num_layers:
+            raise ValueError(
+                f"prefix_key_values has {len(prefix_key_values)} layers, the model has "
+                f"{self.config.num_layers}"
+            )
+        # One mask serves every layer, so all layers share the prefix length.
+        n_prefix = prefix_key_values[0][0].shape[2]
+        expected = (batch, self.config.num_heads, n_prefix, self.config.head_dim)
+        for index, (key, value) in enumerate(prefix_key_values):
+            for name, tensor in (("key", key), ("value", value)):
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"prefix {name} of layer {index} has shape {tuple(tensor.shape)}, "
+                        f"expected (batch, num_heads, n_prefix, head_dim) = {expected}"
+                    )
+        return n_prefix
+
+    @staticmethod
+    def _allowed_keys(
+        attention_mask: Optional[Tensor],
+        batch: int,
+        seq: int,
+        past_length: int,
+        n_prefix: int,
+        device: torch.device,
+    ) -> Tensor:
+        """(B, 1, T, N + P + T) bool: the prefix is always visible; past and current
+        keys are visible when not in the future of the query and not padding."""
+        total = past_length + seq
+        query_index = torch.arange(past_length, total, device=device)
+        causal = torch.arange(total, device=device)[None, :] <= query_index[:, None]
+        allowed = causal[None, None].expand(batch, 1, seq, total)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+        if n_prefix:
+            prefix = torch.ones(batch, 1, seq, n_prefix, dtype=torch.bool, device=device)
+            allowed = torch.cat([prefix, allowed], dim=-1)
+        return allowed
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+        prefix_key_values: Optional[Sequence[KeyValue]] = None,
+    ) -> Tensor:
+        """Extend each row of ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens.
+
+        Greedy by default; with ``do_sample`` draws from softmax(logits / temperature).
+        Batches must be left-padded (the last column of ``attention_mask`` all ones),
+        because the next token is read from the last position. Once a row emits
+        ``eos_token_id`` it is filled with ``pad_token_id`` (default: the eos id), and
+        generation stops early when every row has finished. Returns the prompt plus the
+        new tokens, (B, T + new), as a LongTensor.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "generate needs left padding: some row ends in padding "
+                "(attention_mask[:, -1] == 0); pad prompts on the left"
+            )
+        if pad_token_id is None:
+            pad_token_id = eos_token_id
+
+        sequences = input_ids.long()
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        past_key_values = None
+        step_ids = sequences
+        for _ in range(max_new_tokens):
+            output = self(step_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                          use_cache=True, prefix_key_values=prefix_key_values)
+            past_key_values = output.past_key_values
+            logits = output.logits[:, -1, :].float()
+            if do_sample:
+                next_ids = torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(-1)
+            else:
+                next_ids = logits.argmax(-1)
+            if eos_token_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+                finished = finished | (next_ids == eos_token_id)
+            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+            if bool(finished.all()):
+                break
+            step_ids = next_ids[:, None]
+            new_column = attention_mask.new_ones(attention_mask.shape[0], 1)
+            attention_mask = torch.cat([attention_mask, new_column], dim=1)
+        return sequences
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+
+        Each file is written to a temporary name in the same folder and moved into
+        place with ``os.replace``, so a crash never leaves a half-written file under
+        the real name. A tied ``lm_head.weight`` is stored once, as the embedding.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.state_dict().items()
+            if not (self.config.tie_word_embeddings and name == "lm_head.weight")
+        }
+        config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        _write_atomically(directory / CONFIG_NAME,
+                          lambda path: Path(path).write_text(config_text, encoding="utf-8"))
+        _write_atomically(directory / WEIGHTS_NAME,
+                          lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ReferenceDecoder":
+        """Load a model written by :meth:`save_pretrained`, in the dtype it was saved in."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder {directory} does not exist")
+        config_path = directory / CONFIG_NAME
+        weights_path = directory / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} is missing: not a saved ReferenceDecoder")
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} is missing: the weights were not saved")
+        try:
+            config_data = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        config = ReferenceConfig.from_dict(config_data)
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"cannot read {weights_path} (truncated or not a safetensors file): {err}"
+            ) from err
+
+        model = cls(config)
+        expected = {
+            name: tensor
+            for name, tensor in model.state_dict().items()
+            if not (config.tie_word_embeddings and name == "lm_head.weight")
+        }
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match {config_path}: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        mismatched = [
+            f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if tensors[name].shape != tensor.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"{weights_path} does not match {config_path}: " + "; ".join(mismatched)
+            )
+        model.to(tensors["embed_tokens.weight"].dtype)
+        # strict=False only because a tied lm_head.weight is absent by design;
+        # every other key was checked above.
+        model.load_state_dict(tensors, strict=False)
+        return model
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path``."""
+    handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
