@@ -157,7 +157,7 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
             )
         return chosen
 
-    chosen_paths: dict[str, Target] = {}
+    chosen_paths: set[str] = set()
     for name in spec:
         hits = [t for p, t in candidates.items() if _matches(p, name)]
         if not hits:
@@ -168,8 +168,8 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
                 f"target_modules entry {name!r}: {why} (mistake M4: LoRA on the wrong or "
                 f"non-existent layers). {_candidate_hint(candidates)}"
             )
-        chosen_paths.update({t.path: t for t in hits})
-    return list(chosen_paths.values())
+        chosen_paths.update(t.path for t in hits)
+    return [t for p, t in candidates.items() if p in chosen_paths]  # in model order
 
 
 def check_rank(targets: list[Target], r: int, *, share_warning: float = 0.5) -> None:

@@ -1,0 +1,67 @@
+"""Small random-weight models shared by the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0):
+    """A Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, vocab_size=128, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+def tiny_reference(seed: int = 0):
+    from peftkit.models import ReferenceConfig, ReferenceDecoder
+
+    torch.manual_seed(seed)
+    return ReferenceDecoder(ReferenceConfig(hidden_size=64, num_layers=2, num_heads=4,
+                                            intermediate_size=128, max_positions=128)).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "reference": tiny_reference}
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give every adapter parameter a random value, so that the adapter changes the output
+    (at init LoRA's B, or an embedding LoRA's A, is zero)."""
+    from peftkit.methods.base import adapter_modules
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in adapter_modules(model):
+            for _, param in module.adapter_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def model_output(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
