@@ -64,23 +64,57 @@ _PEFT_UNSUPPORTED = {
 
 
 # -- writing --------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a synced temporary file beside ``path``; the caller renames it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _write_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _replace_pair(directory: Path, payload: bytes, config_bytes: bytes) -> None:
+    """Replace weights and config in an existing folder so that a failure at any point
+    leaves the previous pair: both new files are written and synced before either is
+    renamed, and if the config cannot be renamed the previous weights are put back."""
+    weights, config = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    previous = weights.read_bytes() if weights.is_file() else None
+    temporaries: list[Path] = []
+    try:
+        temporaries.append(_write_temporary(weights, payload))
+        temporaries.append(_write_temporary(config, config_bytes))
+        os.replace(temporaries[0], weights)
+        try:
+            os.replace(temporaries[1], config)
+        except BaseException:
+            if previous is None:
+                weights.unlink(missing_ok=True)
+            else:
+                _atomic_write_bytes(weights, previous)
+            raise
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
 
 
 def write_adapter_folder(directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write the two adapter files. A new folder appears whole (built aside, then renamed);
-    in an existing folder the weights are replaced first and the config last, each atomically,
-    and nothing else in the folder is touched."""
+    in an existing folder both files are replaced (see ``_replace_pair``) and nothing else
+    in the folder is touched."""
     directory = Path(directory)
     payload = save_safetensors_bytes(
         {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, metadata={"format": "pt"}
@@ -89,8 +123,7 @@ def write_adapter_folder(directory: str | Path, config: dict[str, Any], tensors:
     if directory.exists():
         if not directory.is_dir():
             raise AdapterFileError(f"{directory} exists and is not a folder.")
-        _atomic_write_bytes(directory / WEIGHTS_NAME, payload)
-        _atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
+        _replace_pair(directory, payload, config_bytes)
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -222,12 +255,51 @@ def load_adapter_into(model: PeftModel, directory: str | Path, name: str, traina
     except ValueError as e:
         raise AdapterFileError(f"adapter {directory} does not fit this model: {e}") from e
     try:
+        base_weights = _take_saved_base_weights(model, name, tensors, directory)
         _check_tensors(model, name, tensors, directory)
     except AdapterFileError:
         model.delete_adapter(name)
         raise
     model.load_adapter_tensors(name, tensors)
+    _load_saved_base_weights(model, base_weights, directory)
     model.set_trainable(name, trainable)
+
+
+def _take_saved_base_weights(
+    model: PeftModel, name: str, tensors: dict[str, torch.Tensor], directory: Path
+) -> dict[str, torch.Tensor]:
+    """Remove from ``tensors`` the full weights of targeted layers that Hugging Face PEFT adds
+    (``<path>.base_layer.weight``; its ``save_embedding_layers="auto"`` does so whenever an
+    embedding such as ``embed_tokens`` is a target, in case the vocabulary was resized).
+    Returns layer path -> saved weight, shape-checked against the model."""
+    taken: dict[str, torch.Tensor] = {}
+    for path in model.target_paths[name]:
+        key = f"base_model.model.{path}.base_layer.weight"
+        if key in tensors:
+            saved = tensors.pop(key)
+            current = model.base_model.get_submodule(path).unwrap().weight
+            if tuple(saved.shape) != tuple(current.shape):
+                raise AdapterFileError(
+                    f"adapter {directory} does not fit this model (was it saved for another base "
+                    f"model?): {key}: expected shape {tuple(current.shape)}, found {tuple(saved.shape)}"
+                )
+            taken[path] = saved
+    return taken
+
+
+def _load_saved_base_weights(model: PeftModel, weights: dict[str, torch.Tensor], directory: Path) -> None:
+    """Use a saved layer weight as PEFT would; say so when it differs from the model's own."""
+    for path, saved in weights.items():
+        current = model.base_model.get_submodule(path).unwrap().weight
+        saved = saved.to(device=current.device, dtype=current.dtype)
+        if not torch.equal(saved, current):
+            warnings.warn(
+                f"adapter {directory} carries its own copy of the weight of {path!r}, which differs "
+                "from this model's (a resized vocabulary?); it replaces the model's weight, as in "
+                "Hugging Face PEFT.", UserWarning, stacklevel=4,
+            )
+            with torch.no_grad():
+                current.copy_(saved)
 
 
 def _warn_on_other_base(model: PeftModel, config: PeftConfig) -> None:

@@ -40,6 +40,9 @@ class PeftModel(nn.Module):
         self.target_paths: dict[str, list[str]] = {}
         self.active_adapters: list[str] = []
         self.frozen_adapters: set[str] = set()
+        # Given back when the last adapter is removed, so that a refused load or an unload
+        # leaves the user's model as it was.
+        self._user_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -119,6 +122,10 @@ class PeftModel(nn.Module):
 
     def _set_trainable(self) -> None:
         """Freeze everything, then unfreeze what the active adapters' modules declare (M1)."""
+        if not self.configs:
+            for name, param in self.base_model.named_parameters():
+                param.requires_grad_(self._user_requires_grad.get(name, False))
+            return
         for param in self.base_model.parameters():
             param.requires_grad_(False)
         trained = [n for n in self.active_adapters if n not in self.frozen_adapters]
@@ -215,6 +222,7 @@ class PeftModel(nn.Module):
         self.configs.clear()
         self.target_paths.clear()
         self.active_adapters = []
+        self._set_trainable()
         return self.base_model
 
     # -- files (M10) ----------------------------------------------------------------
