@@ -19,8 +19,34 @@ a preset (``"attention"``, ``"all-linear"``), or None for the architecture defau
 BIAS_MODES = ("none", "lora_only")
 
 
+def _check_positive_int(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}.")
+
+
+class _DictMixin:
+    """JSON round trip shared by the method configs; unknown fields are errors."""
+
+    peft_type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise ValueError(f"expected peft_type {cls.peft_type!r}, got {peft_type!r}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(_DictMixin):
     """Low-rank adaptation: h = W x + s · B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
     Args:
@@ -76,29 +102,118 @@ class LoraConfig:
         """The factor s in h = W x + s · B A x."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS = ("relu", "gelu", "silu")
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class AdapterConfig(_DictMixin):
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2022).
+
+    Each adapter computes h + up(act(down(h))) (serial placements) with down (bottleneck,
+    hidden) and up (hidden, bottleneck) starting at zero, so the model is unchanged at init.
+
+    Args:
+        bottleneck: the adapter's inner size.
+        placement: ``"houlsby"`` after the attention output projection and after the
+            feed-forward output; ``"pfeiffer"`` after the feed-forward output only;
+            ``"parallel"`` beside the feed-forward block, added with ``scaling``.
+        activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
+        dropout: dropout inside the adapter, after the activation.
+        scaling: factor on the parallel adapter's output (ignored by serial placements).
+        target_modules: explicit module names to put adapters after (serial) or beside
+            (parallel); None finds them from the architecture.
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+
+    bottleneck: int = 64
+    placement: str = "pfeiffer"
+    activation: str = "relu"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    target_modules: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("AdapterConfig", "bottleneck", self.bottleneck)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"AdapterConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+
+
+@dataclass
+class PrefixConfig(_DictMixin):
+    """Prefix tuning (Li & Liang 2021): learned keys and values of ``num_virtual_tokens``
+    positions in every attention layer, shaped by the model's key/value heads.
+
+    Args:
+        num_virtual_tokens: prefix length.
+        projection_dim: when set, the prefix is produced by an MLP (embedding ->
+            projection_dim -> 2 * layers * kv_dim) while training, which Li & Liang found
+            more stable; it is folded into plain tensors for saving and inference.
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    num_virtual_tokens: int = 20
+    projection_dim: int | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        if self.projection_dim is not None:
+            _check_positive_int("PrefixConfig", "projection_dim", self.projection_dim)
+
+
+@dataclass
+class PromptConfig(_DictMixin):
+    """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` learned embeddings
+    prepended to the input embeddings.
+
+    Args:
+        num_virtual_tokens: prompt length.
+        init: ``"random"``, ``"vocab"`` (embeddings of sampled vocabulary tokens) or
+            ``"text"`` (the embeddings of ``init_text`` encoded by ``tokenizer``, repeated
+            or cut to length).
+        init_text, tokenizer: for ``init="text"``; the tokenizer is used once and never saved.
+    """
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("PromptConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"PromptConfig.init must be one of {PROMPT_INITS}, got {self.init!r}.")
+        if self.init == "text" and (not self.init_text or self.tokenizer is None):
+            raise ValueError("PromptConfig(init='text') needs init_text and a tokenizer to encode it.")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Inverse of ``to_dict``; an unknown field is an error, not silently dropped."""
-        data = dict(data)
-        peft_type = data.pop("peft_type", cls.peft_type)
-        if peft_type != cls.peft_type:
-            raise ValueError(f"expected peft_type {cls.peft_type!r}, got {peft_type!r}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}."
-            )
-        return cls(**data)
+        data = super().to_dict()
+        data.pop("tokenizer")  # an object, not data: used once at init, never saved
+        return data
 
 
-PeftConfig = LoraConfig
-"""The union of method configs; grows as methods are added."""
+PeftConfig = LoraConfig | AdapterConfig | PrefixConfig | PromptConfig
+"""Any method config."""
 
-CONFIG_TYPES: dict[str, type] = {LoraConfig.peft_type: LoraConfig}
+CONFIG_TYPES: dict[str, type] = {
+    cls.peft_type: cls for cls in (LoraConfig, AdapterConfig, PrefixConfig, PromptConfig)
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> PeftConfig:
@@ -111,4 +226,7 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     return CONFIG_TYPES[peft_type].from_dict(data)
 
 
-__all__ = ["LoraConfig", "PeftConfig", "TargetSpec", "config_from_dict", "CONFIG_TYPES"]
+__all__ = [
+    "AdapterConfig", "CONFIG_TYPES", "LoraConfig", "PeftConfig", "PrefixConfig", "PromptConfig",
+    "TargetSpec", "config_from_dict",
+]

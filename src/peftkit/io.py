@@ -154,7 +154,10 @@ def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
     config = model.configs[name]
-    data = lora_config_to_peft(config, model.saved_target_names(name), model.uses_conv1d(name))
+    if isinstance(config, LoraConfig):
+        data = lora_config_to_peft(config, model.saved_target_names(name), model.uses_conv1d(name))
+    else:
+        raise TypeError(f"peftkit cannot save a {type(config).__name__} adapter yet.")
     return write_adapter_folder(directory, data, model.adapter_tensors(name))
 
 
@@ -173,10 +176,12 @@ def read_config(directory: str | Path) -> PeftConfig:
         raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated.") from e
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object.")
+    readers = {"LORA": _lora_config_from_peft}
     peft_type = data.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFileError(f"{path}: unknown or unsupported peft_type {peft_type!r}; peftkit reads ['LORA'].")
-    return _lora_config_from_peft(data, path)
+    if peft_type not in readers:
+        raise AdapterFileError(
+            f"{path}: unknown or unsupported peft_type {peft_type!r}; peftkit reads {sorted(readers)}.")
+    return readers[peft_type](data, path)
 
 
 def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:

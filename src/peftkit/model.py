@@ -57,10 +57,18 @@ class PeftModel(nn.Module):
         """Attach a new adapter ``name`` and make it the active one."""
         if name in self.configs:
             raise ValueError(f"an adapter named {name!r} already exists; pick another name.")
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"unsupported config type {type(config).__name__}.")
-        if any(isinstance(m, LoraLayer) and m.merged for _, m in adapter_modules(self.base_model)):
+        if self._lora_layers_merged():
             raise RuntimeError("adapters are merged into the weights; unmerge() before adding another.")
+        attachers = {LoraConfig: self._add_lora}
+        if type(config) not in attachers:
+            raise TypeError(f"unsupported config type {type(config).__name__}; "
+                            f"peftkit attaches {[c.__name__ for c in attachers]}.")
+        self.target_paths[name] = attachers[type(config)](config, name)
+        self.configs[name] = config
+        self.set_adapter(name)
+
+    def _add_lora(self, config: LoraConfig, name: str) -> list[str]:
+        """Wrap every targeted layer (or add to its existing LoRA wrapper); return their paths."""
         chosen = targets.find_targets(self.base_model, config.target_modules)
         targets.check_rank(chosen, config.r)
         for target in chosen:
@@ -68,9 +76,7 @@ class PeftModel(nn.Module):
                 name, config.r, config.alpha, config.dropout, config.use_rslora,
                 train_bias=config.bias == "lora_only",
             )
-        self.configs[name] = config
-        self.target_paths[name] = [t.path for t in chosen]
-        self.set_adapter(name)
+        return [t.path for t in chosen]
 
     def _lora_layer_at(self, target: targets.Target) -> LoraLayer:
         module = self.base_model.get_submodule(target.path)
