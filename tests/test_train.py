@@ -1,0 +1,83 @@
+"""Training loop: schedule, method-aware learning rate, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_reference
+
+import peftkit
+from peftkit.train import _checkpoint_paths, default_learning_rate, train, warmup_cosine
+
+
+def make_run(seed: int = 0):
+    torch.manual_seed(seed)
+    pm = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4, dropout=0.1, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(0)  # the same data in every run
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 200, (2, 12), generator=gen)
+        batches.append({"input_ids": ids, "labels": ids})
+    return pm, batches
+
+
+def adapter_state(pm):
+    return {n: p.detach().clone() for n, p in pm.trainable_parameters().items()}
+
+
+def test_warmup_then_cosine_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert rates[0] < rates[1] < rates[3] < rates[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lora_default_learning_rate_is_peft_scale():
+    assert default_learning_rate(peftkit.LoraConfig()) == pytest.approx(2e-4)
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path):
+    pm, batches = make_run()
+    train(pm, batches, steps=10, lr=1e-2, progress=False, grad_accum=2,
+          checkpoint_dir=tmp_path / "a", checkpoint_every=3)
+    uninterrupted = adapter_state(pm)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_7(record):
+        if record["step"] == 7:
+            raise Killed
+
+    pm, batches = make_run()
+    with pytest.raises(Killed):
+        train(pm, batches, steps=10, lr=1e-2, progress=False, grad_accum=2,
+              checkpoint_dir=tmp_path / "b", checkpoint_every=3, on_step=die_at_7)
+    assert [p.name for p in _checkpoint_paths(tmp_path / "b")] == ["step-00000006"]  # only the newest kept
+    (tmp_path / "b" / ".partial-xyz").mkdir()  # a checkpoint cut short by a kill is ignored
+
+    pm, batches = make_run(seed=123)  # a fresh process: different init, restored from disk
+    steps_seen = []
+    result = train(pm, batches, steps=10, lr=1e-2, progress=False, grad_accum=2,
+                   checkpoint_dir=tmp_path / "b", checkpoint_every=3, resume=True,
+                   on_step=lambda r: steps_seen.append(r["step"]))
+    assert steps_seen == [7, 8, 9, 10]
+    assert len(result.losses) == 10
+    resumed = adapter_state(pm)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0)
+
+
+def test_resume_with_other_parameters_is_refused(tmp_path):
+    pm, batches = make_run()
+    train(pm, batches, steps=2, lr=1e-2, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    other = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4, target_modules=["q"]))
+    with pytest.raises(ValueError, match="other trainable parameters"):
+        train(other, batches, steps=4, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
