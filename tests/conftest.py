@@ -65,3 +65,29 @@ def model_output(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_tokenizer():
+    """A small BPE tokenizer trained here on a few sentences (vocabulary under 128, so it
+    fits the tiny models); nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["ada has 3 cups and 4 hats, 7 things.", "the movie was good", "the movie was bad",
+            "bo had 9 eggs and gave 2, 7 left.", "0 1 2 3 4 5 6 7 8 9 yes no fresh rotten"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(text, trainer)
+    # Like Llama's tokenizer: a BOS token starts every encoded text.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def save_transformers_folder(model, folder):
+    """Write ``model`` and the tiny tokenizer as a local transformers folder (safetensors)."""
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -21,6 +21,9 @@ from .model import attach
 from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
 from .train import evaluate_loss, train, warmup_cosine
 
+BASE_STEPS = 300  # full training steps that teach the reference decoder task A
+BASE_SEED = 0
+
 _NAMES = ["ada", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo"]
 _THINGS = ["apple", "book", "cup", "drum", "egg", "fig", "hat", "key"]
 
@@ -91,7 +94,7 @@ def pretrain_base(steps: int, seed: int, progress: bool) -> ReferenceDecoder:
     return model.eval()
 
 
-def run_demo(out_dir: str | Path, *, steps: int = 150, base_steps: int = 300, seed: int = 0,
+def run_demo(out_dir: str | Path, *, steps: int = 150, base_steps: int = BASE_STEPS, seed: int = BASE_SEED,
              progress: bool = True) -> DemoReport:
     out_dir = Path(out_dir)
     tokenizer = ByteTokenizer()

@@ -1,0 +1,143 @@
+"""Load the base model and tokenizer a user names on the command line.
+
+``--model`` takes ``reference`` (the built-in reference decoder, already taught the demo's
+task A by peftkit's own code and cached), a folder written by
+``ReferenceDecoder.save_pretrained``, or a local transformers folder (config.json +
+safetensors weights + tokenizer files). Nothing is downloaded: transformers is always
+called with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
+
+REFERENCE = "reference"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded, with what to do about it."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model with the text codec that goes with it.
+
+    ``task`` is ``"causal-lm"`` or ``"classification"``; ``classes`` names the labels of a
+    classification head.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    task: str = "causal-lm"
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def eos_id(self) -> int | None:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return None if eos is None else int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids with the model's usual start tokens (BOS, or BERT's [CLS] ... [SEP])."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.encode(text, add_bos=True)
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def cache_dir() -> Path:
+    """Where peftkit keeps what it builds once (``$PEFTKIT_CACHE`` or ~/.cache/peftkit)."""
+    root = os.environ.get("PEFTKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftkit"
+    return Path(root)
+
+
+def reference_base(progress: bool = True) -> Path:
+    """The reference decoder trained on task A, built by peftkit's own code on first use."""
+    from .demo import BASE_STEPS, BASE_SEED, pretrain_base
+
+    folder = cache_dir() / f"reference-task-a-s{BASE_SEED}-n{BASE_STEPS}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    model = pretrain_base(BASE_STEPS, BASE_SEED, progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".reference-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "model.safetensors").is_file():  # another process may have won the race
+            raise
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; --model takes 'reference' or a model folder.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}).") from e
+
+
+def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Load ``path`` (see the module docstring) for ``task``."""
+    if str(path) == REFERENCE:
+        path = reference_base(progress)
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(f"model path {folder} does not exist; pass 'reference' or a local model folder.")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path {folder} is a file; pass the folder that holds config.json and the weights.")
+    config = _read_config(folder)
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}).")
+    if config.get("model_type") == ReferenceConfig.model_type:
+        if task != "causal-lm":
+            raise ModelLoadError("the reference decoder has no classification head; use a transformers "
+                                 "model (e.g. BertForSequenceClassification) for {'text', 'label'} data.")
+        return LoadedModel(ReferenceDecoder.from_pretrained(folder), ByteTokenizer(), str(folder))
+    return _load_transformers(folder, task, num_labels)
+
+
+def _load_transformers(folder: Path, task: str, num_labels: int | None) -> LoadedModel:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError("loading a transformers model folder needs transformers: pip install 'peftkit[hf]'.") from e
+    auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = auto.from_pretrained(folder, **kwargs)
+    except ValueError as e:  # transformers' words for an architecture without that head
+        raise ModelLoadError(f"{folder}: transformers cannot build a {task} model from it ({e}).") from e
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder} has no tokenizer files (tokenizer.json or vocab files) ({e}).") from e
+    return LoadedModel(model.eval(), tokenizer, str(folder), task)

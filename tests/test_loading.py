@@ -1,0 +1,66 @@
+"""Loading what a user names with --model: reference, reference folders, transformers folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_transformers_folder, tiny_llama, tiny_reference
+
+import peftkit.demo
+from peftkit.loading import ModelLoadError, load_model
+from peftkit.models import ReferenceDecoder
+
+
+def test_reference_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(peftkit.demo, "BASE_STEPS", 3)
+    first = load_model("reference", progress=False)
+    assert isinstance(first.model, ReferenceDecoder)
+    cached = list(tmp_path.iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    second = load_model("reference", progress=False)
+    for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert first.decode(first.encode("héllo")) == "héllo"
+
+
+def test_reference_folder_and_transformers_folder(tmp_path):
+    ref = tiny_reference()
+    ref.save_pretrained(tmp_path / "ref")
+    loaded = load_model(tmp_path / "ref")
+    assert isinstance(loaded.model, ReferenceDecoder)
+
+    llama = tiny_llama()
+    save_transformers_folder(llama, tmp_path / "llama")
+    loaded = load_model(tmp_path / "llama")
+    ids = torch.tensor([loaded.encode("the movie was good")])
+    assert ids[0, 0].item() == loaded.tokenizer.bos_token_id
+    torch.testing.assert_close(loaded.model(input_ids=ids).logits, llama(input_ids=ids).logits)
+    assert loaded.pad_id == loaded.tokenizer.pad_token_id
+
+
+def test_classification_head_from_a_folder(tmp_path):
+    from conftest import tiny_bert
+
+    save_transformers_folder(tiny_bert(), tmp_path / "bert")
+    loaded = load_model(tmp_path / "bert", task="classification", num_labels=3)
+    assert loaded.model.config.num_labels == 3
+    with pytest.raises(ModelLoadError, match="no classification head"):
+        load_model("reference", task="classification")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "is a file"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no config.json"),
+])
+def test_bad_model_paths(tmp_path, make, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(make(tmp_path))
+
+
+def test_folder_without_weights(tmp_path):
+    llama = tiny_llama()
+    llama.config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(tmp_path)
