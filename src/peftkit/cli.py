@@ -51,6 +51,106 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+_METHOD_OPTIONS = {
+    "lora": ("r", "alpha", "dropout", "targets", "rslora"),
+    "adapter": ("bottleneck", "placement", "activation", "dropout", "targets"),
+    "prefix": ("virtual_tokens", "projection_dim"),
+    "prompt": ("virtual_tokens", "prompt_init", "prompt_init_text"),
+}
+
+
+def _method_config(args: argparse.Namespace, tokenizer=None):
+    """The method config from the command line; an option of another method is an error."""
+    from . import config as cfg
+
+    allowed = _METHOD_OPTIONS[args.method]
+    stray = [o for opts in _METHOD_OPTIONS.values() for o in opts
+             if o not in allowed and getattr(args, o) not in (None, False)]
+    if stray:
+        flags = ", ".join("--" + o.replace("_", "-") for o in sorted(set(stray)))
+        raise SystemExit(f"error: {flags} do(es) not apply to --method {args.method}.")
+    given = {k: getattr(args, k) for k in allowed if getattr(args, k) not in (None, False)}
+    targets = given.pop("targets", None)
+    if targets is not None and targets not in ("attention", "all-linear"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if args.method == "lora":
+        rename = {"rslora": "use_rslora"}
+        kwargs = {rename.get(k, k): v for k, v in given.items()}
+        return cfg.LoraConfig(target_modules=targets, **kwargs)
+    if args.method == "adapter":
+        return cfg.AdapterConfig(target_modules=targets, **given)
+    if args.method == "prefix":
+        return cfg.PrefixConfig(num_virtual_tokens=given.get("virtual_tokens", 20),
+                                projection_dim=given.get("projection_dim"))
+    init = given.get("prompt_init", "random")
+    return cfg.PromptConfig(num_virtual_tokens=given.get("virtual_tokens", 20), init=init,
+                            init_text=given.get("prompt_init_text"),
+                            tokenizer=tokenizer if init == "text" else None)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import DataError, read_jsonl
+    from .io import AdapterFileError
+    from .loading import ModelLoadError, load_model
+    from .train import RunFolderError, RunOptions, run_training
+
+    try:
+        fmt, records = read_jsonl(args.data)
+        task = "classification" if fmt == "classification" else "causal-lm"
+        num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
+        loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress)
+        config = _method_config(args, loaded.tokenizer)
+        options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
+                             max_length=args.max_length, checkpoint_every=args.checkpoint_every,
+                             warmup_ratio=args.warmup_ratio)
+        summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
+                               progress=not args.no_progress)
+    except (DataError, ModelLoadError, RunFolderError, AdapterFileError, ValueError) as e:
+        return _fail(str(e))
+    share = 100 * summary.trainable_params / summary.total_params
+    rows = [
+        ("method", summary.method),
+        ("trainable parameters", f"{summary.trainable_params:,} of {summary.total_params:,} ({share:.3f}%)"),
+        ("data", f"{summary.train_examples} train / {summary.eval_examples} held-out examples"
+                 + (f", classes {summary.classes}" if summary.classes else "")),
+        ("steps", f"{summary.steps} at lr {summary.learning_rate:g}"
+                  + (f" (resumed at step {summary.resumed_from})" if summary.resumed_from else "")),
+        ("time", f"{summary.seconds:.1f} s, {summary.tokens / max(summary.seconds, 1e-9):,.0f} tokens/s"),
+        ("train loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
+    ]
+    if summary.eval_after:
+        b, a = summary.eval_before, summary.eval_after
+        rows.append(("held-out loss", f"{b['loss']:.4f} -> {a['loss']:.4f}"))
+        rows.append(("held-out accuracy", f"{100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%"))
+    rows.append(("adapter", f"{summary.adapter_dir} ({_human_bytes(summary.adapter_bytes)})"))
+    print("\nTraining finished")
+    print(_table(rows))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when the report has an error, 0 otherwise, 2 for input that cannot be used."""
+    from .doctor import doctor
+    from .io import AdapterFileError, load
+    from .loading import ModelLoadError, load_model
+
+    try:
+        model = load_model(args.model, progress=False).model
+        if args.adapter:
+            model = load(model, args.adapter)
+        report = doctor(model.eval(), checkpoint=args.checkpoint)
+    except (ModelLoadError, AdapterFileError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    print(report.to_json() if args.json else report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning without the classic mistakes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +162,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train an adapter on a JSONL file")
+    train.add_argument("--model", required=True, help="'reference' or a local model folder")
+    train.add_argument("--data", required=True, help="JSONL: {text} | {prompt, completion} | {text, label} | {input_ids[, labels]}")
+    train.add_argument("--method", choices=sorted(_METHOD_OPTIONS), default="lora")
+    train.add_argument("--out", required=True, help="output folder (run.json, train_log.jsonl, checkpoints/, adapter/)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=float)
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4, ...)")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
+    train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true")
+    lora = train.add_argument_group("LoRA (--method lora)")
+    lora.add_argument("--r", type=int)
+    lora.add_argument("--alpha", type=float)
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    shared = train.add_argument_group("LoRA and adapters")
+    shared.add_argument("--dropout", type=float)
+    shared.add_argument("--targets", help="comma-separated module names, 'attention' or 'all-linear' (default: the architecture's)")
+    adapter = train.add_argument_group("bottleneck adapters (--method adapter)")
+    adapter.add_argument("--bottleneck", type=int)
+    adapter.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"])
+    adapter.add_argument("--activation", choices=["relu", "gelu", "silu"])
+    virtual = train.add_argument_group("prefix and prompt tuning (--method prefix | prompt)")
+    virtual.add_argument("--virtual-tokens", type=int)
+    virtual.add_argument("--projection-dim", type=int, help="prefix: MLP reparameterisation width")
+    virtual.add_argument("--prompt-init", choices=["random", "vocab", "text"])
+    virtual.add_argument("--prompt-init-text")
+    train.set_defaults(func=cmd_train)
+
+    check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12")
+    check.add_argument("--model", required=True, help="'reference' or a local model folder")
+    check.add_argument("--adapter", help="an adapter folder to load onto the model (peftkit's or Hugging Face PEFT's)")
+    check.add_argument("--checkpoint", help="a saved file to check for base-model weights (.safetensors, .bin, .pt)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=cmd_doctor)
     return parser
 
 

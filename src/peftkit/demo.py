@@ -19,7 +19,7 @@ from .config import LoraConfig
 from .io import load
 from .model import attach
 from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
-from .train import evaluate_loss, train, warmup_cosine
+from .train import evaluate, train, warmup_cosine
 
 BASE_STEPS = 300  # full training steps that teach the reference decoder task A
 BASE_SEED = 0
@@ -108,11 +108,11 @@ def run_demo(out_dir: str | Path, *, steps: int = 150, base_steps: int = BASE_ST
 
     pm = attach(base, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     trainable, total = pm.parameter_counts()
-    task_a_before, task_b_before = evaluate_loss(pm, eval_a), evaluate_loss(pm, eval_b)
+    task_a_before, task_b_before = evaluate(pm, eval_a)["loss"], evaluate(pm, eval_b)["loss"]
     # A small model and a few hundred steps: 2e-3 rather than the 2e-4 default that suits
     # billion-parameter bases trained for thousands of steps.
     result = train(pm, train_b, steps=steps, lr=2e-3, progress=progress, desc="LoRA (task B)")
-    task_a_after, task_b_after = evaluate_loss(pm, eval_a), evaluate_loss(pm, eval_b)
+    task_a_after, task_b_after = evaluate(pm, eval_a)["loss"], evaluate(pm, eval_b)["loss"]
 
     adapter_dir = pm.save(out_dir / "adapter")
     probe = {k: eval_b[0][k] for k in ("input_ids", "attention_mask")}

@@ -3,6 +3,8 @@ cosine decay, gradient accumulation and a progress bar."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import random
@@ -165,15 +167,168 @@ def train(model: PeftModel, batches: Sequence[dict], *, steps: int, lr: float | 
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
-    """Mean loss per predicted token over ``batches``."""
-    total, count = 0.0, 0
+def evaluate(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    """Held-out loss and accuracy: per predicted token for a causal LM (labels (B, T), the
+    model predicting position t+1 from t), per example for classification (labels (B,))."""
+    loss_sum, loss_count, correct, total = 0.0, 0, 0, 0
     was_training = model.training
     model.eval()
     for batch in batches:
         labels = batch["labels"]
-        n = int((labels[:, 1:] != -100).sum())  # causal LMs predict labels shifted by one
-        total += model(**batch).loss.item() * n
-        count += n
+        out = model(**batch)
+        if labels.dim() == 1:
+            n = labels.numel()
+            predicted = out.logits.argmax(-1)
+            correct += int((predicted == labels).sum())
+        else:
+            # Soft prompts put extra positions in front; the last T logits are the tokens'.
+            logits = out.logits[:, -labels.shape[1]:]
+            target = labels[:, 1:]
+            counted = target != -100
+            n = int(counted.sum())
+            correct += int(((logits[:, :-1].argmax(-1) == target) & counted).sum())
+        loss_sum += out.loss.item() * n
+        loss_count += n
+        total += n
     model.train(was_training)
-    return total / max(count, 1)
+    return {"loss": loss_sum / max(loss_count, 1), "accuracy": correct / max(total, 1)}
+
+
+# -- a whole run: what `peftkit train` does ------------------------------------------------
+@dataclass
+class RunOptions:
+    """Everything about a run besides the model, the data and the method."""
+
+    steps: int | None = None  # optimizer steps; default one epoch
+    epochs: float | None = None
+    lr: float | None = None  # default: the method's (M9)
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_fraction: float = 0.1
+    seed: int = 0
+    max_length: int = 512
+    checkpoint_every: int = 50
+    warmup_ratio: float = 0.1
+
+
+@dataclass
+class RunSummary:
+    method: str
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    eval_examples: int
+    steps: int
+    learning_rate: float
+    seconds: float
+    tokens: int
+    first_loss: float
+    last_loss: float
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    adapter_dir: str
+    adapter_bytes: int
+    classes: list[str]
+    resumed_from: int
+
+
+class RunFolderError(ValueError):
+    """An output folder that holds something other than this run."""
+
+
+RUN_FILE = "run.json"
+
+
+def _claim_out_dir(out_dir: Path, identity: dict, resume: bool) -> None:
+    """Refuse to mix runs: a non-empty folder must hold this very run (and then needs --resume)."""
+    run_file = out_dir / RUN_FILE
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not run_file.is_file():
+            raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
+        previous = json.loads(run_file.read_text())
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise RunFolderError(f"{out_dir} holds a different run (it differs in {changed}); pick another --out.")
+        if not resume:
+            raise RunFolderError(f"{out_dir} already holds this run; pass --resume to continue it or pick another --out.")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, run_file)
+
+
+def _rewrite_log(path: Path, keep_through_step: int) -> None:
+    """On resume, drop log lines of steps the checkpoint does not contain."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str | Path,
+                 options: RunOptions, *, resume: bool = False, progress: bool = True,
+                 preflight: Callable[[PeftModel, dict], None] | None = None) -> RunSummary:
+    """Load data, attach ``config`` to ``loaded.model``, train with checkpoints, evaluate on a
+    held-out split, and write ``out_dir``: run.json, train_log.jsonl, checkpoints/, adapter/.
+
+    ``loaded`` is a ``peftkit.loading.LoadedModel``. ``preflight(model, batch)`` runs before
+    the first step (the doctor) and may raise to stop the run.
+    """
+    from . import data as datamod
+    from .model import attach
+
+    out_dir = Path(out_dir)
+    fmt, records = datamod.read_jsonl(data_path)
+    if (fmt == "classification") != (loaded.task == "classification"):
+        raise datamod.DataError(
+            f"{data_path} is {fmt!r} data but the model was loaded for {loaded.task!r}; "
+            "{'text', 'label'} lines need a sequence-classification model and the others a causal LM.")
+    dataset = datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
+                                    max_length=options.max_length)
+    train_set, eval_set = datamod.split(dataset, options.eval_fraction, options.seed)
+    if not train_set.examples:
+        raise datamod.DataError(f"{data_path} has too few examples to train on ({len(dataset)}).")
+    torch.manual_seed(options.seed)
+    train_batches = datamod.batches(train_set, options.batch_size, loaded.pad_id, shuffle=True, seed=options.seed)
+    eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
+    steps = options.steps or max(1, math.ceil((options.epochs or 1.0) * len(train_batches) / options.grad_accum))
+
+    identity = {"model": loaded.source, "data": str(Path(data_path).resolve()), "config": config.to_dict(),
+                "options": {**dataclasses.asdict(options), "steps": steps}}
+    _claim_out_dir(out_dir, identity, resume)
+
+    pm = attach(loaded.model, config)
+    if preflight is not None:
+        preflight(pm, train_batches[0])
+    trainable, total = pm.parameter_counts()
+    eval_before = evaluate(pm, eval_batches) if eval_batches else {}
+    checkpoints = out_dir / "checkpoints"
+    resumed_from = 0
+    if resume and _checkpoint_paths(checkpoints):
+        resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
+        _rewrite_log(out_dir / "train_log.jsonl", resumed_from)
+
+    with (out_dir / "train_log.jsonl").open("a") as log:
+        def write_log(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
+                       grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
+                       checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
+                       resume=resume, on_step=write_log)
+    eval_after = evaluate(pm, eval_batches) if eval_batches else {}
+    adapter_dir = pm.save(out_dir / "adapter")
+    return RunSummary(
+        method=config.peft_type, trainable_params=trainable, total_params=total,
+        train_examples=len(train_set), eval_examples=len(eval_set), steps=steps,
+        learning_rate=result.learning_rate, seconds=result.seconds, tokens=result.tokens,
+        first_loss=result.losses[0], last_loss=result.losses[-1],
+        eval_before=eval_before, eval_after=eval_after, adapter_dir=str(adapter_dir),
+        adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()),
+        classes=list(dataset.classes), resumed_from=resumed_from,
+    )
