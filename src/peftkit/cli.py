@@ -151,6 +151,100 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _probe_ids(loaded, text: str = "The quick brown fox jumps over the lazy dog.") -> "torch.Tensor":
+    import torch
+
+    return torch.tensor([loaded.encode(text)])
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into the base weights and write a plain model folder."""
+    import torch
+
+    from .io import AdapterFileError, load, read_config
+    from .loading import ModelLoadError, load_model, save_model_folder
+
+    try:
+        config = read_config(args.adapter)
+        if config.peft_type != "LORA":
+            return _fail(f"{args.adapter} is a {config.peft_type} adapter; only LoRA folds into the weights "
+                         "(W + s·B A). Serve it with the adapter attached (peftkit.load) instead.")
+        loaded = load_model(args.model, progress=False)
+        pm = load(loaded.model, args.adapter)
+        ids = _probe_ids(loaded)
+        with torch.no_grad():
+            unmerged = pm(input_ids=ids).logits
+            loaded.model = pm.merge_and_unload()
+            merged = loaded.model(input_ids=ids).logits
+        out = save_model_folder(loaded, args.out)
+        reloaded = load_model(out, progress=False)
+        with torch.no_grad():
+            again = reloaded.model(input_ids=ids).logits
+    except (AdapterFileError, ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    print(_table([
+        ("merged model", str(out)),
+        ("merged vs unmerged", f"max |logit diff| = {(merged - unmerged).abs().max().item():.2e}"),
+        ("reloaded vs unmerged", f"max |logit diff| = {(again - unmerged).abs().max().item():.2e}"),
+    ]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe an adapter folder, or say what is wrong with it (exit 1)."""
+    from pathlib import Path
+
+    from .io import AdapterFileError, read_config, read_tensors
+
+    folder = Path(args.adapter_dir)
+    try:
+        config = read_config(folder)
+        tensors = read_tensors(folder)
+    except AdapterFileError as e:
+        print(f"{folder}: not a usable adapter folder.\n  problem: {e}", file=sys.stderr)
+        return 1
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in ("peft_type", "target_modules", "base_model_name_or_path", "task_type") and v is not None}
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    rows = [
+        ("method", config.peft_type),
+        ("settings", ", ".join(f"{k}={v}" for k, v in settings.items())),
+        ("target modules", str(config.target_modules) if getattr(config, "target_modules", None) else "-"),
+        ("tensors", f"{len(tensors)} in {len(modules)} module(s)"),
+        ("parameters", f"{sum(t.numel() for t in tensors.values()):,}"),
+        ("dtype", ", ".join(sorted({str(t.dtype).removeprefix('torch.') for t in tensors.values()}))),
+        ("size on disk", _human_bytes(size)),
+        ("base model", config.base_model_name_or_path or "(not recorded)"),
+    ]
+    print(f"{folder}")
+    print(_table(rows))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import AdapterFileError, load
+    from .loading import ModelLoadError, load_model
+
+    try:
+        loaded = load_model(args.model, progress=False)
+        model = load(loaded.model, args.adapter) if args.adapter else loaded.model
+    except (AdapterFileError, ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    torch.manual_seed(args.seed)
+    ids = _probe_ids(loaded, args.prompt)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+              "eos_token_id": loaded.eos_id, "pad_token_id": loaded.pad_id}
+    if args.sample:
+        kwargs["temperature"] = args.temperature
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    print(args.prompt + loaded.decode(out[0, ids.shape[1]:].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning without the classic mistakes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--checkpoint", help="a saved file to check for base-model weights (.safetensors, .bin, .pt)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=cmd_doctor)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into the base weights and write a model folder")
+    merge.add_argument("--model", required=True, help="'reference' or a local model folder")
+    merge.add_argument("--adapter", required=True, help="a LoRA adapter folder")
+    merge.add_argument("--out", required=True, help="a new folder for the merged model (safetensors)")
+    merge.set_defaults(func=cmd_merge)
+
+    info = sub.add_parser("info", help="describe an adapter folder and check that it is whole")
+    info.add_argument("adapter_dir")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text with a model and an optional adapter")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--adapter")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -141,3 +141,27 @@ def _load_transformers(folder: Path, task: str, num_labels: int | None) -> Loade
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder} has no tokenizer files (tokenizer.json or vocab files) ({e}).") from e
     return LoadedModel(model.eval(), tokenizer, str(folder), task)
+
+
+def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
+    """Write ``loaded.model`` (and its tokenizer) as a model folder that ``load_model`` and,
+    for transformers models, ``from_pretrained`` read: safetensors weights, built aside and
+    renamed into place so a crash leaves no half-written folder."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ModelLoadError(f"{folder} is not empty; pick a new folder for the model.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if isinstance(loaded.model, ReferenceDecoder):
+            loaded.model.save_pretrained(staging)
+        else:
+            loaded.model.save_pretrained(staging, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(staging)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -282,6 +282,8 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     from .model import attach
 
     out_dir = Path(out_dir)
+    if config.base_model_name_or_path is None:
+        config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     fmt, records = datamod.read_jsonl(data_path)
     if (fmt == "classification") != (loaded.task == "classification"):
         raise datamod.DataError(
