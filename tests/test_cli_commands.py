@@ -1,0 +1,181 @@
+"""`peftkit train | merge | info | generate` end to end through `python -m peftkit`, on a
+reference-model folder and on random-weight transformers models saved to temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference
+from safetensors.torch import load_file
+
+from peftkit.demo import task_lines
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "peftkit", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=ENV)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_reference().save_pretrained(root / "reference")
+    save_transformers_folder(tiny_llama(), root / "llama")
+    save_transformers_folder(tiny_bert(), root / "bert")
+    completions = [{"prompt": line.rsplit(",", 1)[0] + ",", "completion": line.rsplit(",", 1)[1]}
+                   for line in task_lines("B", 60, 0)]
+    write_jsonl(root / "completion.jsonl", completions)
+    write_jsonl(root / "text.jsonl", [{"text": line} for line in task_lines("A", 40, 0)])
+    reviews = [{"text": f"the movie was {w}", "label": "fresh" if w == "good" else "rotten"}
+               for w in ["good", "bad"] * 12]
+    write_jsonl(root / "labels.jsonl", reviews)
+    return root
+
+
+def test_train_on_a_reference_folder_writes_run_log_and_adapter(folders, tmp_path):
+    out = tmp_path / "run"
+    proc = cli("train", "--model", folders / "reference", "--data", folders / "completion.jsonl",
+               "--out", out, "--steps", 8, "--batch-size", 8, "--lr", 3e-3, "--checkpoint-every", 4,
+               "--no-progress")
+    assert "Training finished" in proc.stdout and "held-out accuracy" in proc.stdout
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert {"loss", "lr", "tokens", "seconds"} <= set(log[0])
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folders / "reference")
+    # the same command again is refused; another run in the same folder is refused too
+    again = cli("train", "--model", folders / "reference", "--data", folders / "completion.jsonl",
+                "--out", out, "--steps", 8, "--batch-size", 8, "--lr", 3e-3, "--checkpoint-every", 4,
+                "--no-progress", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = cli("train", "--model", folders / "reference", "--data", folders / "text.jsonl",
+                "--out", out, "--steps", 8, "--no-progress", check=False)
+    assert other.returncode == 2 and "holds a different run" in other.stderr
+
+
+def test_kill_9_and_resume_gives_the_uninterrupted_adapter(folders, tmp_path):
+    args = ["--model", folders / "reference", "--data", folders / "completion.jsonl", "--steps", 30,
+            "--batch-size", 4, "--lr", 3e-3, "--dropout", 0.1, "--checkpoint-every", 5, "--no-progress"]
+    cli("train", *args, "--out", tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    log = killed / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 13:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists()
+
+    resumed = cli("train", *args, "--out", killed, "--resume")
+    assert "resumed at step" in resumed.stdout
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == again.keys()
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 31))
+
+
+def test_transformers_folder_train_merge_generate_info(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "llama-run"
+    cli("train", "--model", folders / "llama", "--data", folders / "text.jsonl", "--out", out,
+        "--steps", 4, "--lr", 1e-2, "--no-progress")
+    merged = tmp_path / "merged"
+    proc = cli("merge", "--model", folders / "llama", "--adapter", out / "adapter", "--out", merged)
+    assert "merged vs unmerged" in proc.stdout
+    plain = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True)
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+
+    import peftkit
+    from peftkit.loading import load_model
+
+    loaded = load_model(folders / "llama")
+    pm = peftkit.load(loaded.model, out / "adapter")
+    ids = torch.tensor([loaded.encode("the movie was good")])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    gen = cli("generate", "--model", folders / "llama", "--adapter", out / "adapter", "--prompt", "the movie",
+              "--max-new-tokens", 5)
+    assert gen.stdout.startswith("the movie")
+    info = cli("info", out / "adapter")
+    assert "LORA" in info.stdout and "q_proj" in info.stdout and "parameters" in info.stdout
+
+
+def test_classification_reports_accuracy(folders, tmp_path):
+    proc = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "cls",
+               "--steps", 3, "--eval-fraction", 0.25, "--no-progress")
+    assert "classes ['fresh', 'rotten']" in proc.stdout and "held-out accuracy" in proc.stdout
+
+
+def test_info_on_a_broken_folder_says_what_is_wrong(folders, tmp_path):
+    out = tmp_path / "run"
+    cli("train", "--model", folders / "reference", "--data", folders / "text.jsonl", "--out", out,
+        "--steps", 1, "--no-progress")
+    weights = out / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = cli("info", out / "adapter", check=False)
+    assert proc.returncode == 1 and "corrupt or truncated" in proc.stderr
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (lambda d: None, ["--data", "{missing}"], "does not exist"),
+    (lambda d: (d / "bad.jsonl").write_text('{"text": "a"}\n{"text": oops}\n'), ["--data", "{tmp}/bad.jsonl"], "line 2 is not valid JSON"),
+    (lambda d: (d / "empty.jsonl").write_text("\n"), ["--data", "{tmp}/empty.jsonl"], "holds no examples"),
+    (lambda d: (d / "nomodel").mkdir(), ["--model", "{tmp}/nomodel"], "no config.json"),
+    (lambda d: None, ["--r", "4", "--method", "prompt"], "--r do(es) not apply to --method prompt"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(folders, tmp_path, make, args, message, capsys):
+    from peftkit.cli import main
+
+    make(tmp_path)
+    base = {"--model": str(folders / "reference"), "--data": str(folders / "text.jsonl")}
+    pairs = dict(zip(args[::2], args[1::2]))
+    merged = {**base, **{k: v.format(tmp=tmp_path, missing=tmp_path / "missing.jsonl") for k, v in pairs.items()}}
+    out = tmp_path / "out"
+    flat = [x for kv in merged.items() for x in kv]
+    try:  # in-process through the same main() the console script calls: five subprocesses cost 30 s
+        code = main(["train", *flat, "--out", str(out), "--steps", "1", "--no-progress"])
+    except SystemExit as e:
+        code, message_out = e.code, str(e)
+        assert message in message_out
+    else:
+        assert message in capsys.readouterr().err
+    assert code not in (0, None)
+    assert not out.exists()
+
+
+def test_merge_refuses_a_folder_that_is_not_empty(folders, tmp_path):
+    out = tmp_path / "run"
+    cli("train", "--model", folders / "reference", "--data", folders / "text.jsonl", "--out", out,
+        "--steps", 1, "--no-progress")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    proc = cli("merge", "--model", folders / "reference", "--adapter", out / "adapter", "--out", tmp_path / "taken", check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
