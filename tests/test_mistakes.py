@@ -1,4 +1,4 @@
-"""One test per classic PEFT mistake handled so far (M1-M6, M10, M12).
+"""One test per classic PEFT mistake handled so far (M1-M8, M10-M12).
 
 Each test builds the mistake by hand, the way tutorials and hurried scripts do, shows the
 wrong result it gives, and shows peftkit doing the same job right.
@@ -123,6 +123,74 @@ def test_m6_not_merging_for_inference(tmp_path):
     torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_m7_soft_prompt_not_at_the_input_embeddings():
+    n, ids = 4, torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    base = model(input_ids=ids).logits
+    # Mistake: the soft prompt is concatenated in the wrong place, after the model has run (in
+    # front of its final hidden states). It never passes through attention: the real tokens'
+    # outputs are the base model's, and a loss on them gives the prompt no gradient at all.
+    prompt = nn.Parameter(torch.randn(n, 64) * 0.02)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    logits = model.lm_head(torch.cat([prompt.expand(2, -1, -1), hidden], dim=1))
+    torch.testing.assert_close(logits[:, n:], base, rtol=0, atol=0)
+    logits[:, n:-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).mean().backward()
+    assert prompt.grad is None or not prompt.grad.any()
+    # peftkit: the prompt is prepended at the input embeddings, occupies the first n positions
+    # and reaches the first real token, whose output now depends on it.
+    pm = peftkit.attach(model, peftkit.PromptConfig(num_virtual_tokens=n))
+    ours = pm.input_adapters["prompt"].embeddings["default"]
+    out = pm(input_ids=ids, labels=ids)
+    assert out.logits.shape[1] == n + ids.shape[1]
+    assert not torch.allclose(out.logits[:, n:], base, atol=1e-4)
+    (first_real,) = torch.autograd.grad(out.logits[:, n].sum(), ours, retain_graph=True)
+    assert first_real.abs().sum() > 0
+    out.loss.backward()
+    assert ours.grad.abs().sum() > 0
+
+
+class HandAdapter(nn.Module):
+    """A bottleneck adapter as a hurried script writes it: up(relu(down(h))), no residual."""
+
+    def __init__(self, hidden: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return self.up(torch.relu(self.down(h)))
+
+
+def test_m8_adapter_without_residual():
+    from peftkit.methods.adapter import Bottleneck
+
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    base = tiny_reference()
+    expected = base(input_ids=ids).logits
+    # Mistake: the adapter after each feed-forward block replaces its output instead of adding
+    # to it. At init (up = 0) it wipes the feed-forward out: the untrained model is another model.
+    model = tiny_reference()
+    for layer in model.layers:
+        layer.mlp = nn.Sequential(layer.mlp, HandAdapter(64, 8))
+    broken = model(input_ids=ids).logits
+    assert (broken - expected).abs().max() > 0.1
+    assert not torch.equal(broken.argmax(-1), expected.argmax(-1))
+    h = torch.randn(4, 64)
+    assert torch.equal(model.layers[0].mlp[1](h), torch.zeros_like(h))  # the hidden state collapses
+    # peftkit: the adapter at the same place returns h + up(relu(down(h))), exactly the identity at
+    # init, and once trained it adds to the feed-forward output rather than replacing it.
+    pm = peftkit.attach(base, peftkit.AdapterConfig(bottleneck=8, placement="pfeiffer"))
+    torch.testing.assert_close(pm(input_ids=ids).logits, expected, rtol=0, atol=0)
+    ours, hand = Bottleneck(64, 8), HandAdapter(64, 8)
+    assert torch.equal(ours(h), h)
+    nn.init.normal_(ours.up.weight)
+    hand.load_state_dict({f"{part}.{kind}": getattr(getattr(ours, part), kind)
+                          for part in ("down", "up") for kind in ("weight", "bias")})
+    torch.testing.assert_close(ours(h), h + hand(h))
+
+
 def test_m10_saving_the_whole_model(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -138,6 +206,33 @@ def test_m10_saving_the_whole_model(tmp_path):
     assert keys == set(pm.adapter_tensors("default"))
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
     assert os.path.getsize(adapter_file) * 20 < os.path.getsize(full)
+
+
+def test_m11_prefix_attention_mask_not_extended():
+    from peftkit import integrations, masks
+
+    n = 4
+    row = torch.randint(1, 128, (5,), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(1, 128, (8,), generator=torch.Generator().manual_seed(1))
+    ids = torch.stack([other, torch.cat([torch.zeros(3, dtype=torch.long), row])])  # left-padded
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pm = peftkit.attach(tiny_llama(), peftkit.PrefixConfig(num_virtual_tokens=n))
+    with torch.no_grad():
+        alone = pm(input_ids=row[None]).logits[0]
+        # Mistake: the prefix goes into the model's cache, but the caller's mask (B, T) is passed
+        # unextended. Its columns now line up with the first T of the N + T keys, prefix included:
+        # the padded row attends to padding and loses real keys, and nothing complains. (Positions
+        # are given correctly, so the mask is the only thing wrong.)
+        prefix = pm.input_adapters["prefix"]("default", 2, torch.float32)
+        positions = masks.position_ids(masks.extend_attention_mask(mask, n), ids.shape[1])
+        cache = {integrations.cache_argument(pm.base_model): integrations.prefix_cache(prefix)}
+        wrong = pm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache).logits
+        assert (wrong[1, 3:] - alone).abs().max() > 1e-2
+        # peftkit: one mask builder extends the mask (prefix always attendable, padding still
+        # masked), so the row inside the padded batch gives what it gives alone.
+        right = pm(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(right[1, 3:], alone, rtol=0, atol=1e-5)
 
 
 def test_m12_gradients_for_frozen_weights():

@@ -6,7 +6,8 @@
     pm = peftkit.load(fresh_model, "out/adapter")
 """
 
-from .config import LoraConfig, config_from_dict
+from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig, config_from_dict
+from .doctor import DoctorReport, Finding, doctor
 from .io import AdapterFileError, load
 from .methods.lora import LoraEmbedding, LoraFunction, LoraLinear
 from .model import PeftModel, attach
@@ -14,13 +15,19 @@ from .model import PeftModel, attach
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
     "AdapterFileError",
+    "DoctorReport",
+    "Finding",
     "LoraConfig",
     "LoraEmbedding",
     "LoraFunction",
     "LoraLinear",
     "PeftModel",
+    "PrefixConfig",
+    "PromptConfig",
     "attach",
     "config_from_dict",
+    "doctor",
     "load",
 ]

@@ -113,7 +113,8 @@ class AdapterConfig(_DictMixin):
     """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2022).
 
     Each adapter computes h + up(act(down(h))) (serial placements) with down (bottleneck,
-    hidden) and up (hidden, bottleneck) starting at zero, so the model is unchanged at init.
+    hidden) random and up (hidden, bottleneck) starting at zero, so the model is unchanged
+    at init.
 
     Args:
         bottleneck: the adapter's inner size.
@@ -146,6 +147,11 @@ class AdapterConfig(_DictMixin):
             raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.target_modules is not None and (
+                not isinstance(self.target_modules, list) or not self.target_modules
+                or not all(isinstance(t, str) and t for t in self.target_modules)):
+            raise ValueError("AdapterConfig.target_modules must be None or a non-empty list of module "
+                             f"names, got {self.target_modules!r}.")
 
 
 @dataclass

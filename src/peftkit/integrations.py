@@ -7,8 +7,12 @@ if ``transformers.pytorch_utils`` has already been imported by whoever built the
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -38,3 +42,115 @@ def output_head(model: nn.Module) -> nn.Module | None:
         return getter()
     except (NotImplementedError, AttributeError):
         return None
+
+
+# -- prompt and prefix tuning -----------------------------------------------------------
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    """True when ``model.forward`` names the keyword ``name``."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def native_prefix(model: nn.Module) -> bool:
+    """True for a model that declares its own prefix hook, ``forward(prefix_key_values=...)``
+    (peftkit's reference decoder): the model then keeps the prefix out of its mask,
+    cache and positions itself."""
+    return accepts_argument(model, "prefix_key_values")
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The keyword under which ``model`` takes a KV cache, or None if it takes none.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works with a
+    deprecation warning). Task heads such as ``BertForSequenceClassification`` take it through
+    ``**kwargs`` and hand it to their inner model (``model.base_model``), so that is looked at
+    too.
+    """
+    candidates = [model]
+    parameters = inspect.signature(model.forward).parameters
+    inner = getattr(model, "base_model", None)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if takes_kwargs and isinstance(inner, nn.Module) and inner is not model:
+        candidates.append(inner)
+    for candidate in candidates:
+        names = inspect.signature(candidate.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in names:
+                return name
+    return None
+
+
+def prefix_cache(key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A new transformers ``DynamicCache`` whose first N positions are the prefix.
+
+    A cache grows in place as the model runs, so one made per call is the only safe kind:
+    a cache kept and reused would hand each call the tokens of the one before. The prefix
+    tensors themselves are not modified (the cache concatenates into new tensors), and
+    gradients flow back to them.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache(list(key_values))
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a transformers ``Cache`` or a tuple-of-layers cache."""
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` in transformers 5, else ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def attention_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) from the model's config, read as Hugging Face
+    PEFT reads it (GPT-2's ``n_layer``/``n_head``, GQA's ``num_key_value_heads``, an explicit
+    ``head_dim`` where the config has one)."""
+    layers, heads = num_layers(model), num_attention_heads(model)
+    hidden = config_value(model, "hidden_size", "n_embd", "d_model")
+    head_dim = config_value(model, "head_dim")
+    if layers is None or heads is None or (hidden is None and head_dim is None):
+        raise ValueError(
+            "prefix tuning needs the model's number of layers and attention heads, read from "
+            f"model.config; {type(model).__name__} has no config that says them."
+        )
+    kv_heads = config_value(model, "num_key_value_heads") or heads
+    return int(layers), int(kv_heads), int(head_dim or hidden // heads)
+
+
+def config_value(model: nn.Module, *names: str) -> Any:
+    """The first of ``names`` that ``model.config`` sets (not None), else None."""
+    config = getattr(model, "config", None)
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def num_layers(model: nn.Module) -> int | None:
+    return config_value(model, "num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_attention_heads(model: nn.Module) -> int | None:
+    """Query heads per layer."""
+    return config_value(model, "num_attention_heads", "n_head", "num_heads")
+
+
+def task_type(model: nn.Module) -> str:
+    """The Hugging Face PEFT ``task_type`` to record for a prompt or prefix on ``model``.
+
+    PEFT picks its wrapper class from it, and its base class (task_type None) silently
+    skips the prompt. ``CAUSAL_LM`` for a model that can ``generate``; otherwise
+    ``FEATURE_EXTRACTION``, which prepends the prompt and passes everything else through,
+    classification heads included. (PEFT's ``SEQ_CLS`` wrapper would expect a trained copy
+    of the head in the file, which peftkit never writes.)
+    """
+    return "CAUSAL_LM" if callable(getattr(model, "generate", None)) else "FEATURE_EXTRACTION"

@@ -8,6 +8,22 @@ between the two libraries both ways:
     base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
     base_model.model.<module path>.lora_embedding_B     (dim, r)
 
+Prompt and prefix tuning (``PROMPT_TUNING``, ``PREFIX_TUNING``) are one tensor each,
+as in PEFT:
+
+    prompt_embeddings    prompt: (num_virtual_tokens, token_dim)
+                         prefix: (num_virtual_tokens, num_layers * 2 * num_kv_heads * head_dim)
+
+Bottleneck adapters, which PEFT lacks, use the same layout under ``peft_type``
+``"BOTTLENECK_ADAPTER"``: the config holds ``AdapterConfig.to_dict()``, from which
+loading finds the same sites in the same architecture (the keys must then match them
+exactly), and the weights are, per site,
+
+    base_model.model.<site path>.adapter_down.weight    (bottleneck, hidden)
+    base_model.model.<site path>.adapter_down.bias      (bottleneck,)
+    base_model.model.<site path>.adapter_up.weight      (hidden, bottleneck)
+    base_model.model.<site path>.adapter_up.bias        (hidden,)
+
 Only adapter weights are written. Files are written atomically (temporary file, fsync,
 rename), so a crash leaves either the old adapter or the new one, never half of one.
 Nothing is unpickled: safetensors, or a legacy ``.bin`` through ``weights_only=True``.
@@ -29,7 +45,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from .config import LoraConfig, PeftConfig
+from . import integrations
+from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
 from .model import PeftModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -149,6 +166,58 @@ def lora_config_to_peft(config: LoraConfig, target_names: list[str], fan_in_fan_
     return data
 
 
+# PEFT's names for the prompt initialisations.
+_PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+def _prompt_learning_fields(config: PromptConfig | PrefixConfig, model: PeftModel) -> dict[str, Any]:
+    """Fields PEFT writes for every prompt-learning method. task_type is always set: PEFT
+    picks its wrapper class from it, and its base class (task_type None) skips the prompt."""
+    return {
+        "num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1,
+        "num_layers": integrations.num_layers(model.base_model),
+        "task_type": config.task_type or integrations.task_type(model.base_model),
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "inference_mode": True, "modules_to_save": None, "revision": None, "auto_mapping": None,
+    }
+
+
+def prompt_config_to_peft(config: PromptConfig, model: PeftModel) -> dict[str, Any]:
+    """The adapter_config.json that Hugging Face PEFT writes for the same prompt tuning.
+
+    The init is only a record (the saved prompt replaces it). PEFT refuses a ``TEXT`` init
+    without a tokenizer it can load, so ``TEXT`` is written only when the tokenizer has a
+    ``name_or_path``, and ``RANDOM`` otherwise.
+    """
+    tokenizer_name = getattr(config.tokenizer, "name_or_path", None) or None
+    init = _PROMPT_INITS[config.init] if config.init != "text" or tokenizer_name else "RANDOM"
+    return {
+        **_prompt_learning_fields(config, model), "peft_type": "PROMPT_TUNING",
+        "token_dim": model.input_adapters["prompt"].token_dim,
+        "num_attention_heads": integrations.num_attention_heads(model.base_model),
+        "prompt_tuning_init": init,
+        "prompt_tuning_init_text": config.init_text if init == "TEXT" else None,
+        "tokenizer_name_or_path": tokenizer_name if init == "TEXT" else None,
+        "tokenizer_kwargs": None,
+    }
+
+
+def prefix_config_to_peft(config: PrefixConfig, model: PeftModel) -> dict[str, Any]:
+    """The adapter_config.json that Hugging Face PEFT writes for the same prefix tuning.
+
+    As PEFT does for grouped-query attention, ``token_dim`` is num_kv_heads * head_dim and
+    ``num_attention_heads`` the key/value heads. The file holds the folded prefix, so it is
+    described as unprojected (``prefix_projection: false``) whatever peftkit trained with.
+    """
+    encoder = model.input_adapters["prefix"]
+    return {
+        **_prompt_learning_fields(config, model), "peft_type": "PREFIX_TUNING",
+        "token_dim": encoder.kv_dim, "num_attention_heads": encoder.num_kv_heads,
+        "num_layers": encoder.num_layers, "encoder_hidden_size": encoder.kv_dim,
+        "prefix_projection": False, "init_weights": None,
+    }
+
+
 def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only)."""
     if name not in model.configs:
@@ -156,6 +225,12 @@ def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
     config = model.configs[name]
     if isinstance(config, LoraConfig):
         data = lora_config_to_peft(config, model.saved_target_names(name), model.uses_conv1d(name))
+    elif isinstance(config, AdapterConfig):
+        data = config.to_dict()
+    elif isinstance(config, PromptConfig):
+        data = prompt_config_to_peft(config, model)
+    elif isinstance(config, PrefixConfig):
+        data = prefix_config_to_peft(config, model)
     else:
         raise TypeError(f"peftkit cannot save a {type(config).__name__} adapter yet.")
     return write_adapter_folder(directory, data, model.adapter_tensors(name))
@@ -176,7 +251,8 @@ def read_config(directory: str | Path) -> PeftConfig:
         raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated.") from e
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object.")
-    readers = {"LORA": _lora_config_from_peft}
+    readers = {"LORA": _lora_config_from_peft, "BOTTLENECK_ADAPTER": _bottleneck_config,
+               "PROMPT_TUNING": _prompt_config_from_peft, "PREFIX_TUNING": _prefix_config_from_peft}
     peft_type = data.get("peft_type")
     if peft_type not in readers:
         raise AdapterFileError(
@@ -203,6 +279,67 @@ def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
     try:
         return LoraConfig(**kwargs)
     except ValueError as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+
+
+def _bottleneck_config(data: dict[str, Any], path: Path) -> AdapterConfig:
+    try:
+        return AdapterConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+
+
+# Fields of a PEFT prompt-learning config that describe the model or the initialisation:
+# the saved tensor carries the adapter, and its shape is checked against the model.
+_PROMPT_LEARNING_INFORMATIONAL = {
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode",
+    "token_dim", "num_layers", "num_attention_heads",
+}
+_PROMPT_INFORMATIONAL = _PROMPT_LEARNING_INFORMATIONAL | {
+    "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+}
+# A saved prefix is always the folded tensor, whether PEFT trained it through an MLP or not.
+_PREFIX_INFORMATIONAL = _PROMPT_LEARNING_INFORMATIONAL | {
+    "encoder_hidden_size", "prefix_projection", "init_weights",
+}
+
+
+def _prompt_learning_kwargs(data: dict[str, Any], path: Path, informational: set[str]) -> dict[str, Any]:
+    """The peftkit config fields of a PEFT prompt/prefix config; anything unknown, or a PEFT
+    feature peftkit lacks, is an error."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("num_virtual_tokens", "base_model_name_or_path", "task_type"):
+            kwargs[key] = value
+        elif key == "num_transformer_submodules":
+            if value not in (None, 1):
+                raise AdapterFileError(
+                    f"{path}: num_transformer_submodules={value!r} is an encoder-decoder prompt, which "
+                    "peftkit does not implement; load this adapter with PEFT instead.")
+        elif key == "modules_to_save":
+            if value not in (None, []):
+                raise AdapterFileError(
+                    f"{path}: modules_to_save={value!r} asks for fully trained copies of layers, which "
+                    "peftkit does not implement; load this adapter with PEFT instead.")
+        elif key not in informational:
+            raise AdapterFileError(f"{path}: unknown config field {key!r} for peft_type {data['peft_type']}.")
+    if "num_virtual_tokens" not in data:
+        raise AdapterFileError(f"{path}: a {data['peft_type']} config needs 'num_virtual_tokens'.")
+    return kwargs
+
+
+def _prompt_config_from_peft(data: dict[str, Any], path: Path) -> PromptConfig:
+    # The init is a record only: the saved prompt replaces whatever it would give.
+    try:
+        return PromptConfig(**_prompt_learning_kwargs(data, path, _PROMPT_INFORMATIONAL))
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+
+
+def _prefix_config_from_peft(data: dict[str, Any], path: Path) -> PrefixConfig:
+    try:
+        return PrefixConfig(**_prompt_learning_kwargs(data, path, _PREFIX_INFORMATIONAL))
+    except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{path}: {e}") from e
 
 

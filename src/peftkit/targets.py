@@ -1,4 +1,5 @@
-"""Which modules get a LoRA adapter (mistakes M4 and M5).
+"""Which modules get a LoRA adapter (mistakes M4 and M5), and where bottleneck adapters go
+(``adapter_sites``, at the end of this file).
 
 Targets are data: per-architecture tables of module-name suffixes, two presets, and the
 matching rules. A module can be targeted when it is an ``nn.Linear``, a transformers
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import integrations
-from .config import TargetSpec
+from .config import AdapterConfig, TargetSpec
+from .methods.adapter import AdapterWrapper
 from .methods.base import AdapterModule
+from .methods.lora import LoraLayer
 
 # LoRA paper (Hu et al. 2021, sec. 7.1): adapting W_q and W_v gives the best result for a
 # fixed parameter budget; PEFT's per-architecture defaults follow the same choice.
@@ -69,6 +72,8 @@ class Target:
 def describe(module: nn.Module) -> Target | None:
     """The LoRA-relevant facts of a module, or None when LoRA cannot wrap it."""
     if isinstance(module, AdapterModule):
+        if not isinstance(module, LoraLayer):
+            return None  # another method's wrapper: LoRA inside it would nest two wrappers
         module = module.base_layer
     weight = getattr(module, "weight", None)
     if type(module) is nn.Linear:
@@ -212,3 +217,149 @@ def minimal_names(model: nn.Module, paths: list[str]) -> list[str]:
                 names.add(suffix)
                 break
     return sorted(names)
+
+
+# -- bottleneck adapter sites ---------------------------------------------------------
+# Where bottleneck adapters go, per architecture, as regular expressions matched against
+# the end of a module path at a dot boundary:
+#   attention_output  the attention output projection (houlsby's first site);
+#   ffn_output        the serial site after the feed-forward (houlsby, pfeiffer);
+#   ffn               a feed-forward block f(x) that returns the FFN output: a parallel
+#                     adapter runs beside it, reading x;
+#   ffn_residual      instead of ``ffn``, a post-LayerNorm output module norm(f(h) + r)
+#                     called as (h, r), as in BERT: the parallel adapter reads r.
+# The attention site is the projection, not the attention block, because attention blocks
+# return tuples and take many arguments. The decoders' feed-forward site is the whole
+# block (whose output is the down projection's, after GPT-2's dropout): then one wrapper
+# serves serial and parallel adapters together and no adapter sits inside another.
+_DECODER_SITES = {"attention_output": r"self_attn\.o_proj", "ffn_output": "mlp", "ffn": "mlp"}
+_BERT_SITES = {"attention_output": r"attention\.output\.dense", "ffn_output": r"\d+\.output\.dense",
+               "ffn_residual": r"\d+\.output"}
+ADAPTER_SITES: dict[str, dict[str, str]] = {
+    **{t: _DECODER_SITES for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+        "granite")},
+    "gpt2": {"attention_output": r"attn\.c_proj", "ffn_output": "mlp", "ffn": "mlp"},
+    **{t: _BERT_SITES for t in ("bert", "roberta", "xlm-roberta")},
+}
+
+PLACEMENT_SITES: dict[str, tuple[str, ...]] = {
+    "houlsby": ("attention_output", "ffn_output"),
+    "pfeiffer": ("ffn_output",),
+    "parallel": ("ffn",),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSite:
+    """One module that gets a bottleneck adapter: its path, the adapter's mode
+    (``"serial"``, ``"parallel"`` or ``"residual"``, see ``methods/adapter.py``) and the
+    hidden width the adapter works in."""
+
+    path: str
+    mode: str
+    width: int
+
+
+def _ends_with(path: str, pattern: str) -> bool:
+    return re.search(rf"(?:^|\.)(?:{pattern})$", path) is not None
+
+
+def _io_widths(module: nn.Module) -> tuple[int, int] | None:
+    """(input, output) width of a module: its own for a Linear/Conv1D, else the input of the
+    first and the output of the last Linear/Conv1D inside it (a block's projections)."""
+    if isinstance(module, AdapterModule):
+        module = module.unwrap()
+    layers = [t for m in module.modules() if (t := describe(m)) is not None and t.kind != "embedding"]
+    if not layers:
+        return None
+    return layers[0].in_features, layers[-1].out_features
+
+
+def _site_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module for every module outside existing adapters (a wrapper stands for the
+    module it wraps)."""
+    found: dict[str, nn.Module] = {}
+    adapters: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(a + ".") for a in adapters):
+            continue
+        if isinstance(module, AdapterModule):
+            adapters.append(path)
+        found[path] = module
+    return found
+
+
+def _names_hint(candidates: dict[str, nn.Module]) -> str:
+    names = sorted({p.rsplit(".", 1)[-1] for p in candidates if not p.rsplit(".", 1)[-1].isdigit()})
+    nested = (" (modules inside an existing adapter are not counted: adapters do not nest)"
+              if any(isinstance(m, AdapterModule) for m in candidates.values()) else "")
+    return f"module names in this model{nested}: {names}"
+
+
+def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[AdapterSite]:
+    """The modules that get a bottleneck adapter for ``config``, in model order.
+
+    With ``config.target_modules`` each name matches like a LoRA target (the whole path or
+    a dotted suffix); serial placements put the adapter after each named module, parallel
+    beside it. Without, the architecture's sites for ``config.placement`` are used (the
+    table above, or a ``peft_adapter_sites`` dict the model declares). Raises ValueError
+    for an unknown architecture, a name that matches nothing, a module that cannot host an
+    adapter, or a site that would nest with another adapter.
+    """
+    candidates = _site_candidates(model)
+    arch = integrations.model_type(model) or type(model).__name__
+    chosen: dict[str, str] = {}  # path -> mode
+    if config.target_modules is not None:
+        mode = "parallel" if config.placement == "parallel" else "serial"
+        for name in config.target_modules:
+            hits = [p for p in candidates if _matches(p, name)]
+            if not hits:
+                raise ValueError(f"AdapterConfig.target_modules entry {name!r} matches no module. "
+                                 f"{_names_hint(candidates)}")
+            chosen.update((p, mode) for p in hits)
+    else:
+        sites = getattr(model, "peft_adapter_sites", None) or ADAPTER_SITES.get(arch)
+        if sites is None:
+            raise ValueError(
+                f"peftkit does not know where bottleneck adapters go in {arch!r}; pass "
+                "AdapterConfig(target_modules=[...]) naming the modules to put adapters after "
+                "(the attention output projection, the feed-forward block), or declare "
+                f"peft_adapter_sites on the model. {_names_hint(candidates)}"
+            )
+        for key in PLACEMENT_SITES[config.placement]:
+            mode = "parallel" if key == "ffn" else "serial"
+            if key == "ffn" and "ffn_residual" in sites:
+                key, mode = "ffn_residual", "residual"
+            pattern = sites.get(key)
+            hits = [] if pattern is None else [p for p in candidates if _ends_with(p, pattern)]
+            if not hits:
+                raise ValueError(
+                    f"the {config.placement} adapter site {key!r} ({pattern!r}) of {arch!r} matches "
+                    f"no module; pass AdapterConfig(target_modules=[...]). {_names_hint(candidates)}"
+                )
+            chosen.update((p, mode) for p in hits)
+    return [_check_site(candidates[p], p, chosen[p], chosen) for p in candidates if p in chosen]
+
+
+def _check_site(module: nn.Module, path: str, mode: str, chosen: dict[str, str]) -> AdapterSite:
+    if isinstance(module, AdapterModule) and not isinstance(module, AdapterWrapper):
+        raise ValueError(f"{path!r} already carries a {type(module).__name__}; a bottleneck adapter "
+                         "cannot wrap another method's adapter module.")
+    inner = [p for p, m in module.named_modules(prefix=path)
+             if p != path and (p in chosen or isinstance(m, AdapterModule))]
+    if inner:
+        raise ValueError(f"a bottleneck adapter at {path!r} would contain the adapter site or module "
+                         f"{inner[0]!r}; adapters do not nest, choose one of the two.")
+    if type(module).forward is nn.Module.forward:
+        raise ValueError(f"{path!r} is a {type(module).__name__}, which has no forward of its own; name "
+                         "the modules it holds instead.")
+    widths = _io_widths(module)
+    if widths is None:
+        raise ValueError(f"{path!r} ({type(module).__name__}) holds no Linear/Conv1D layer, so its hidden "
+                         "width is unknown; put the adapter after a projection or a block that has one.")
+    width_in, width_out = widths
+    if mode == "parallel" and width_in != width_out:
+        raise ValueError(f"a parallel adapter beside {path!r} needs equal input and output widths, found "
+                         f"{width_in} -> {width_out}; name the feed-forward block, not one projection.")
+    return AdapterSite(path, mode, width_out)

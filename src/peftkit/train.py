@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig, LoraConfig, PeftConfig
+from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
 from .model import PeftModel
 
 # LoRA: Hu et al. (2021) fine-tune GPT-2 with 2e-4; QLoRA (Dettmers et al. 2023) uses
@@ -28,7 +28,13 @@ from .model import PeftModel
 # Bottleneck adapters: Pfeiffer et al. (2021, AdapterFusion) and AdapterHub train them
 # with 1e-4, Houlsby et al. (2019) pick from 3e-5 to 3e-3; a zero-initialised up-projection,
 # like LoRA's B, barely moves at a full fine-tuning rate.
-DEFAULT_LEARNING_RATES: dict[str, float] = {LoraConfig.peft_type: 2e-4, AdapterConfig.peft_type: 1e-4}
+# Prompt and prefix tuning train a few thousand free vectors with no weight behind them:
+# Lester et al. (2021) use 0.3 (Adafactor), Hugging Face PEFT's examples 3e-2 for prompts
+# and 1e-2 for prefixes; at LoRA's 2e-4 a prompt barely leaves its initialisation.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    LoraConfig.peft_type: 2e-4, AdapterConfig.peft_type: 1e-4,
+    PromptConfig.peft_type: 3e-2, PrefixConfig.peft_type: 1e-2,
+}
 
 
 def default_learning_rate(config: PeftConfig) -> float:
