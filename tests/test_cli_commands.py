@@ -179,3 +179,41 @@ def test_merge_refuses_a_folder_that_is_not_empty(folders, tmp_path):
     proc = cli("merge", "--model", folders / "reference", "--adapter", out / "adapter", "--out", tmp_path / "taken", check=False)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
+
+
+def test_doctor_runs_before_the_first_step(folders, tmp_path):
+    proc = cli("train", "--model", folders / "reference", "--data", folders / "text.jsonl", "--out", tmp_path / "low",
+               "--steps", 1, "--lr", 1e-7, "--no-progress")
+    assert "doctor warning M9" in proc.stderr  # a learning rate far below LoRA's floor
+
+
+def test_doctor_error_stops_the_run_before_any_step(folders, tmp_path, capsys, monkeypatch):
+    import peftkit.cli as cli_module
+    from peftkit.doctor import DoctorReport, Finding
+
+    planted = DoctorReport([Finding("M1", "error", "model.layers.0", "base weights are trainable.", "freeze them.")])
+    # peftkit.doctor is the function (the public API); the module is in sys.modules.
+    monkeypatch.setattr(sys.modules["peftkit.doctor"], "doctor", lambda *a, **k: planted)
+    out = tmp_path / "stopped"
+    code = cli_module.main(["train", "--model", str(folders / "reference"), "--data", str(folders / "text.jsonl"),
+                            "--out", str(out), "--steps", "3", "--no-progress"])
+    assert code == 1
+    assert "stopped the run before the first step" in capsys.readouterr().err
+    assert not (out / "adapter").exists() and (out / "train_log.jsonl").read_text() == ""
+
+
+def test_compare_on_a_llama_7b_config_and_a_folder(folders, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from peftkit.cli import main
+
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path)
+    assert main(["compare", "--config", str(tmp_path / "config.json")]) == 0
+    lines = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    assert "4,194,304" in lines["LoRA r=8 (default targets)"]
+    assert "2,621,440" in lines["prefix 10 tokens"]
+    assert "81,920" in lines["prompt 20 tokens"]
+    assert main(["compare", "--model", str(folders / "llama")]) == 0
+    assert "adapter houlsby" in capsys.readouterr().out
+    assert main(["compare", "--config", str(tmp_path / "nope.json")]) == 2

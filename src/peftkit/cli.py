@@ -93,6 +93,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+class PreflightFailed(Exception):
+    """The doctor found an error before the first training step."""
+
+
+def _doctor_preflight(model, optimizer, batch) -> None:
+    """Run the doctor on the real model, optimizer and first batch; errors stop the run."""
+    from .doctor import doctor
+
+    report = doctor(model, optimizer=optimizer, batch=batch)
+    if not report.ok:
+        raise PreflightFailed(str(report))
+    for finding in report.warnings:
+        print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError, read_jsonl
     from .io import AdapterFileError
@@ -110,7 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
                              warmup_ratio=args.warmup_ratio)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, preflight=_doctor_preflight)
+    except PreflightFailed as e:
+        print(f"peftkit doctor stopped the run before the first step:\n{e}", file=sys.stderr)
+        return 1
     except (DataError, ModelLoadError, RunFolderError, AdapterFileError, ValueError) as e:
         return _fail(str(e))
     share = 100 * summary.trainable_params / summary.total_params
@@ -245,6 +263,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Trainable parameters of each method on the real module tree, built on the meta device."""
+    from . import config as cfg
+    from .loading import ModelLoadError, meta_model
+    from .model import attach
+
+    source = args.model or args.config
+    if source is None:
+        return _fail("pass --model PATH (or 'reference') or --config config.json.")
+    methods = [
+        (f"LoRA r={args.r} (default targets)", cfg.LoraConfig(r=args.r, alpha=2 * args.r)),
+        (f"LoRA r={args.r} all-linear", cfg.LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
+        (f"adapter pfeiffer b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck)),
+        (f"adapter houlsby b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
+        (f"prefix {args.prefix_tokens} tokens", cfg.PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
+        (f"prompt {args.prompt_tokens} tokens", cfg.PromptConfig(num_virtual_tokens=args.prompt_tokens)),
+    ]
+    try:
+        total = sum(p.numel() for p in meta_model(source).parameters())
+        rows = [("full fine-tuning", total)]
+        for label, config in methods:
+            try:
+                trainable, _ = attach(meta_model(source), config).parameter_counts()
+                rows.append((label, trainable))
+            except (ValueError, TypeError) as e:  # e.g. no adapter sites known for this architecture
+                rows.append((label, f"n/a: {e}"))
+    except ModelLoadError as e:
+        return _fail(str(e))
+    width = max(len(label) for label, _ in rows)
+    print(f"{source}: {total:,} parameters\n")
+    print(f"  {'method'.ljust(width)}  {'trainable':>15}  {'share':>8}")
+    for label, count in rows:
+        if isinstance(count, int):
+            print(f"  {label.ljust(width)}  {count:>15,}  {100 * count / total:>7.4f}%")
+        else:
+            print(f"  {label.ljust(width)}  {count}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning without the classic mistakes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    compare = sub.add_parser("compare", help="trainable parameters of each method on a model (meta device, no weights)")
+    source = compare.add_mutually_exclusive_group()
+    source.add_argument("--model", help="'reference' or a model folder")
+    source.add_argument("--config", help="a config.json file")
+    compare.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    compare.add_argument("--bottleneck", type=int, default=64)
+    compare.add_argument("--prefix-tokens", type=int, default=10)
+    compare.add_argument("--prompt-tokens", type=int, default=20)
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

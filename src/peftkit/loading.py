@@ -165,3 +165,38 @@ def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def meta_model(path: str | Path) -> nn.Module:
+    """The model's module tree on the meta device (shapes only, no memory, no weights read),
+    from a model folder, a bare config.json, or 'reference'."""
+    import torch
+
+    if str(path) == REFERENCE:
+        config = ReferenceConfig().to_dict()
+    else:
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ModelLoadError(f"{path} is neither a model folder nor a config.json file.")
+        try:
+            config = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{file} is not valid JSON ({e}).") from e
+    if config.get("model_type") == ReferenceConfig.model_type:
+        with torch.device("meta"):
+            return ReferenceDecoder(ReferenceConfig.from_dict(config))
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError("a transformers config needs transformers: pip install 'peftkit[hf]'.") from e
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        hf_config = transformers.AutoConfig.for_model(config.get("model_type", ""), **fields)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: unknown or missing model_type {config.get('model_type')!r} ({e}).") from e
+    with torch.device("meta"):
+        try:
+            return transformers.AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:  # encoders such as BERT have no causal-LM head: count the bare model
+            return transformers.AutoModel.from_config(hf_config)

@@ -125,13 +125,16 @@ def train(model: PeftModel, batches: Sequence[dict], *, steps: int, lr: float | 
           warmup_ratio: float = 0.1, weight_decay: float = 0.0, grad_accum: int = 1,
           progress: bool = True, desc: str = "train", checkpoint_dir: str | Path | None = None,
           checkpoint_every: int = 0, resume: bool = False,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
 
     With ``checkpoint_dir`` and ``checkpoint_every``, a checkpoint is written every N steps;
     ``resume=True`` continues from the newest one, so a killed run ends with the same adapter
     as an uninterrupted one. ``on_step`` receives {step, loss, lr, tokens, seconds}.
+    ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
+    may raise to stop the run.
     """
     lr = default_learning_rate(next(iter(model.configs.values()))) if lr is None else lr
     params = list(model.trainable_parameters().values())
@@ -142,6 +145,8 @@ def train(model: PeftModel, batches: Sequence[dict], *, steps: int, lr: float | 
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result)
+    if preflight is not None:
+        preflight(model, optimizer, batches[(first_step * grad_accum) % len(batches)])
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc,
@@ -277,12 +282,11 @@ def _rewrite_log(path: Path, keep_through_step: int) -> None:
 
 def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str | Path,
                  options: RunOptions, *, resume: bool = False, progress: bool = True,
-                 preflight: Callable[[PeftModel, dict], None] | None = None) -> RunSummary:
+                 preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None) -> RunSummary:
     """Load data, attach ``config`` to ``loaded.model``, train with checkpoints, evaluate on a
     held-out split, and write ``out_dir``: run.json, train_log.jsonl, checkpoints/, adapter/.
 
-    ``loaded`` is a ``peftkit.loading.LoadedModel``. ``preflight(model, batch)`` runs before
-    the first step (the doctor) and may raise to stop the run.
+    ``loaded`` is a ``peftkit.loading.LoadedModel``; ``preflight`` is passed to ``train``.
     """
     from . import data as datamod
     from .model import attach
@@ -310,8 +314,6 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     _claim_out_dir(out_dir, identity, resume)
 
     pm = attach(loaded.model, config)
-    if preflight is not None:
-        preflight(pm, train_batches[0])
     trainable, total = pm.parameter_counts()
     eval_before = evaluate(pm, eval_batches) if eval_batches else {}
     checkpoints = out_dir / "checkpoints"
@@ -328,7 +330,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
                        grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                        checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
-                       resume=resume, on_step=write_log)
+                       resume=resume, on_step=write_log, preflight=preflight)
     eval_after = evaluate(pm, eval_batches) if eval_batches else {}
     adapter_dir = pm.save(out_dir / "adapter")
     return RunSummary(
