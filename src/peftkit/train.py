@@ -67,6 +67,14 @@ def _count_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter for everything that trains: a PeftModel's adapters, or every
+    parameter that requires grad in a plain model (full fine-tuning)."""
+    if isinstance(model, PeftModel):
+        return model.trainable_parameters()
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -85,7 +93,7 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=directory))
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
     save_file(weights, str(staging / "trainable.safetensors"))
     state = {
         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -103,7 +111,7 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
 
 
 def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult") -> int:
-    params = model.trainable_parameters()
+    params = trainable_parameters(model)
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
         raise ValueError(f"checkpoint {path} was written for other trainable parameters; "
@@ -121,7 +129,7 @@ def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, resu
     return int(state["step"])
 
 
-def train(model: PeftModel, batches: Sequence[dict], *, steps: int, lr: float | None = None,
+def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: float | None = None,
           warmup_ratio: float = 0.1, weight_decay: float = 0.0, grad_accum: int = 1,
           progress: bool = True, desc: str = "train", checkpoint_dir: str | Path | None = None,
           checkpoint_every: int = 0, resume: bool = False,
@@ -136,8 +144,11 @@ def train(model: PeftModel, batches: Sequence[dict], *, steps: int, lr: float | 
     ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
     may raise to stop the run.
     """
-    lr = default_learning_rate(next(iter(model.configs.values()))) if lr is None else lr
-    params = list(model.trainable_parameters().values())
+    if lr is None:
+        if not isinstance(model, PeftModel):
+            raise ValueError("full fine-tuning needs an explicit learning rate.")
+        lr = default_learning_rate(next(iter(model.configs.values())))
+    params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
     result = TrainResult(learning_rate=lr)
