@@ -1,4 +1,4 @@
-"""Time one LoRA training step with peftkit, side by side with Hugging Face PEFT.
+"""Time one training step with peftkit's methods, side by side with Hugging Face PEFT.
 
 What is measured
 ----------------
@@ -6,8 +6,8 @@ One optimiser step on a small random-weight Llama (8 layers, hidden 512, fp32, C
 
     optimizer.zero_grad(set_to_none=True); loss = model(...).loss; loss.backward(); optimizer.step()
 
-for six cases, each in its own fresh Python subprocess so that the peak resident
-memory (``ru_maxrss``) belongs to that case alone:
+for twelve cases, each in its own fresh Python subprocess so that the peak resident
+memory (``ru_maxrss``) belongs to that case alone. The LoRA group (``--cases lora``):
 
     full                 every parameter trainable (what LoRA is meant to avoid)
     floor                forward + backward with no parameter trainable; the input
@@ -21,6 +21,19 @@ memory (``ru_maxrss``) belongs to that case alone:
     peftkit-qv           peftkit LoRA r=8 on q_proj, v_proj
     peftkit-all-linear   peftkit LoRA r=8 on "all-linear"
 
+and the other methods (``--cases methods``: these, plus full and floor):
+
+    peft-prefix               HF PEFT prefix tuning, 20 virtual tokens
+    peft-prompt               HF PEFT prompt tuning, 20 virtual tokens
+    peftkit-adapter-pfeiffer  peftkit bottleneck adapter 64, after each feed-forward block
+    peftkit-adapter-houlsby   peftkit bottleneck adapter 64, after attention and feed-forward
+    peftkit-prefix            peftkit prefix tuning, 20 virtual tokens
+    peftkit-prompt            peftkit prompt tuning, 20 virtual tokens
+
+Every case trains on the same 4 x 256 real tokens. Prompt tuning runs 20 more
+positions through every layer and prefix tuning attends over 20 more keys, so their
+ratios to floor and full include that extra sequence.
+
 Each case builds the same model from the same seed, runs ``--warmup`` untimed steps,
 then times ``--steps`` steps and reports the median and the minimum step time, the
 process's peak RSS at the end, and the trainable parameter count.
@@ -31,7 +44,10 @@ The design targets for peftkit's LoRA are:
 
     * peftkit-qv         median step <= 1.03 x floor
     * peftkit-all-linear median step <= 1.08 x floor
-    * no slower and no bigger (peak RSS) than PEFT with the same targets.
+    * no slower and no bigger (peak RSS) than PEFT with the same targets,
+
+and for prefix and prompt tuning: no slower and no bigger than PEFT's same method.
+(PEFT has no bottleneck adapters, so the adapter rows have no PEFT reference.)
 
 The "floor" makes the first two checkable: it is the cost of the frozen model's
 forward and backward, which LoRA cannot avoid. The PEFT rows make the third one
@@ -40,7 +56,7 @@ checkable on the same machine in the same run.
 A case that fails (peftkit not importable yet, an exception in a step, a crash, a
 timeout) becomes an error row with the message; the other cases still run.
 
-Usage:  python bench/lora_step.py [--cases floor,peft-qv,...] [--steps 10]
+Usage:  python bench/lora_step.py [--cases lora|methods|floor,peft-qv,...] [--steps 10]
 Writes: bench/results/lora_step.json and bench/results/lora_step.md
 """
 
@@ -64,8 +80,29 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-CASES = ["full", "floor", "peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
+REFERENCE_CASES = ["full", "floor"]
+LORA_CASES = ["peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
+METHOD_CASES = [
+    "peft-prefix", "peft-prompt",
+    "peftkit-adapter-pfeiffer", "peftkit-adapter-houlsby", "peftkit-prefix", "peftkit-prompt",
+]
+CASES = REFERENCE_CASES + LORA_CASES + METHOD_CASES
+# Names accepted by --cases besides the case names; each includes full and floor.
+CASE_GROUPS = {
+    "all": CASES,
+    "lora": REFERENCE_CASES + LORA_CASES,
+    "methods": REFERENCE_CASES + METHOD_CASES,
+}
 QV_TARGETS = ["q_proj", "v_proj"]
+
+# The Hugging Face PEFT case each peftkit case is compared with (same method and
+# settings). Bottleneck adapters have none: PEFT doesn't implement them.
+PEFT_COUNTERPART = {
+    "peftkit-qv": "peft-qv",
+    "peftkit-all-linear": "peft-all-linear",
+    "peftkit-prefix": "peft-prefix",
+    "peftkit-prompt": "peft-prompt",
+}
 
 MODEL_CONFIG = dict(
     hidden_size=512,
@@ -81,6 +118,8 @@ LR = 1e-4
 SEED = 0
 ATTN_IMPLEMENTATION = "sdpa"
 LORA = dict(r=8, alpha=16, dropout=0.0)
+ADAPTER = dict(bottleneck=64)  # placement from the case name: pfeiffer or houlsby
+NUM_VIRTUAL_TOKENS = 20  # prefix and prompt tuning
 
 # Design targets: (case, reference case, metric, max ratio).
 TARGETS = [
@@ -90,9 +129,14 @@ TARGETS = [
     ("peftkit-all-linear", "peft-all-linear", "median_s", 1.00),
     ("peftkit-qv", "peft-qv", "peak_rss_mb", 1.00),
     ("peftkit-all-linear", "peft-all-linear", "peak_rss_mb", 1.00),
+    ("peftkit-prefix", "peft-prefix", "median_s", 1.00),
+    ("peftkit-prompt", "peft-prompt", "median_s", 1.00),
+    ("peftkit-prefix", "peft-prefix", "peak_rss_mb", 1.00),
+    ("peftkit-prompt", "peft-prompt", "peak_rss_mb", 1.00),
 ]
 
 NOISY_SPREAD = 1.10  # a median this far above the min marks a row as noisy
+MIN_STEPS_FOR_VERDICT = 3  # with fewer timed steps per case, the spread can't show noise
 
 RESULT_MARKER = "@@LORA_STEP_RESULT@@ "
 
@@ -163,23 +207,51 @@ def floor_step_fn(model, ids):
     return step
 
 
-def peft_model(model, targets):
+def peft_config(method: str):
+    """Hugging Face PEFT's config for a ``peft-<method>`` case."""
     import peft
 
-    config = peft.LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=targets
-    )
-    return peft.get_peft_model(model, config)
+    if method in ("qv", "all-linear"):
+        return peft.LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=QV_TARGETS if method == "qv" else "all-linear",
+        )
+    if method == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    raise ValueError(f"no PEFT case for {method!r}")
 
 
-def peftkit_model(model, targets):
+def peft_model(model, method: str):
+    import peft
+
+    return peft.get_peft_model(model, peft_config(method))
+
+
+def peftkit_config(method: str):
+    """peftkit's config for a ``peftkit-<method>`` case."""
+    import peftkit
+
+    if method in ("qv", "all-linear"):
+        return peftkit.LoraConfig(
+            r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+            target_modules=QV_TARGETS if method == "qv" else "all-linear",
+        )
+    if method.startswith("adapter-"):
+        return peftkit.AdapterConfig(bottleneck=ADAPTER["bottleneck"], placement=method.removeprefix("adapter-"))
+    if method == "prefix":
+        return peftkit.PrefixConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    if method == "prompt":
+        return peftkit.PromptConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    raise ValueError(f"no peftkit case for {method!r}")
+
+
+def peftkit_model(model, method: str):
     sys.path.insert(0, str(REPO_ROOT / "src"))  # the working tree's peftkit, installed or not
     import peftkit
 
-    config = peftkit.LoraConfig(
-        r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=targets
-    )
-    return peftkit.attach(model, config)
+    return peftkit.attach(model, peftkit_config(method))
 
 
 def setup_case(case: str, ids):
@@ -190,9 +262,8 @@ def setup_case(case: str, ids):
     if case == "full":
         wrapped = model
     else:
-        library, _, target_name = case.partition("-")
-        targets = QV_TARGETS if target_name == "qv" else "all-linear"
-        wrapped = peft_model(model, targets) if library == "peft" else peftkit_model(model, targets)
+        library, _, method = case.partition("-")
+        wrapped = peft_model(model, method) if library == "peft" else peftkit_model(model, method)
     params = trainable(wrapped.parameters())
     return lm_step_fn(wrapped, params, ids), sum(p.numel() for p in params)
 
@@ -331,15 +402,19 @@ def ratio(results: dict, case: str, reference: str, metric: str) -> float | None
 
 
 def peft_counterpart(case: str) -> str | None:
-    return "peft-" + case.removeprefix("peftkit-") if case.startswith("peftkit-") else None
+    return PEFT_COUNTERPART.get(case)
 
 
 def add_ratios(results: dict) -> None:
-    """Fill in each row's ratio to floor and, for peftkit rows, to the matching PEFT row."""
+    """Fill in each row's ratios to floor and full and, for peftkit rows, to the matching PEFT row."""
     for case, row in results.items():
         row["ratio_to_floor"] = ratio(results, case, "floor", "median_s")
         row["min_ratio_to_floor"] = ratio(results, case, "floor", "min_s")
+        row["ratio_to_full"] = ratio(results, case, "full", "median_s")
+        row["min_ratio_to_full"] = ratio(results, case, "full", "min_s")
+        row["rss_ratio_to_full"] = ratio(results, case, "full", "peak_rss_mb")
         ref = peft_counterpart(case)
+        row["peft_reference"] = ref
         row["ratio_to_peft"] = ratio(results, case, ref, "median_s") if ref else None
         row["min_ratio_to_peft"] = ratio(results, case, ref, "min_s") if ref else None
         row["rss_ratio_to_peft"] = ratio(results, case, ref, "peak_rss_mb") if ref else None
@@ -350,7 +425,8 @@ def check_targets(results: dict) -> list[dict]:
     checks = []
     for case, reference, metric, limit in TARGETS:
         value = ratio(results, case, reference, metric)
-        noisy = any(is_noisy(results[c]) for c in (case, reference) if "median_s" in results.get(c, {}))
+        noisy = any(is_noisy(results[c]) or too_few_steps(results[c])
+                    for c in (case, reference) if "median_s" in results.get(c, {}))
         checks.append({
             "case": case, "reference": reference, "metric": metric, "max_ratio": limit,
             "ratio": value, "met": None if value is None else value <= limit, "noisy": noisy,
@@ -396,6 +472,10 @@ def is_noisy(row: dict) -> bool:
     return row["median_s"] > NOISY_SPREAD * row["min_s"]
 
 
+def too_few_steps(row: dict) -> bool:
+    return len(row["step_s"]) < MIN_STEPS_FOR_VERDICT
+
+
 def noise_note(report: dict) -> str:
     """Say how loaded the machine was, and whether any timing looks disturbed."""
     loads = [r["loadavg_before"] for r in report["results"] if "loadavg_before" in r]
@@ -405,38 +485,69 @@ def noise_note(report: dict) -> str:
         note += (f" † median more than {NOISY_SPREAD:.2f} x min: the machine was busy or noisy, "
                  "so compare the min columns in the JSON (min_ratio_to_floor, min_ratio_to_peft) "
                  "and rerun with more --steps or --repeats on a quiet machine.")
+    if any(too_few_steps(r) for r in report["results"] if "error" not in r):
+        note += (f" Fewer than {MIN_STEPS_FOR_VERDICT} timed steps per case (with no warm-up, the "
+                 "first includes one-time costs): the spread can't show noise, so the timings are "
+                 "a smoke test and the timing verdicts are not conclusive.")
     return note.strip()
+
+
+def peft_ratio(row: dict, key: str) -> str:
+    """A ratio to the PEFT reference: "n/a" for a row that has none, "–" if it wasn't run."""
+    return "n/a" if row.get("peft_reference") is None else fmt(row[key], ".3f")
+
+
+def tokens_note(setup: dict) -> str:
+    """Say that every case trains on the same real tokens, and what prompt/prefix add."""
+    b, t, n = setup["batch"], setup["seq_len"], setup["num_virtual_tokens"]
+    return (
+        f"Every case trains on the same batch of {b} x {t} real tokens ({b * t:,}; labels = input_ids, "
+        f"the loss covers the real tokens only). Prompt tuning prepends {n} virtual tokens to each row, "
+        f"so {t + n} positions go through every layer; prefix tuning gives every attention layer {n} "
+        f"extra keys and values, so {t} queries attend over {t + n} keys. Their x floor and x full "
+        f"ratios include that extra sequence (floor and full run {t} positions)."
+    )
 
 
 def markdown_report(report: dict) -> str:
     """A human-readable table of the run, followed by the design-target checks."""
     m, s = report["machine"], report["setup"]
     lines = [
-        "# LoRA training step: peftkit vs Hugging Face PEFT",
+        "# Training step: peftkit vs Hugging Face PEFT",
         "",
         f"{report['date']} · {m['cpu_model']} · torch {m['torch']} · {m['torch_threads']} threads · "
         f"transformers {m['transformers']} · peft {m['peft']}",
         "",
         f"Llama {s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, "
         f"fp32, {s['attn_implementation']} attention, batch {s['batch']} x {s['seq_len']}, "
-        f"AdamW lr {s['lr']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']}; "
+        f"AdamW lr {s['lr']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']}, "
+        f"bottleneck adapters {s['adapter']['bottleneck']}, "
+        f"prefix and prompt tuning {s['num_virtual_tokens']} virtual tokens; "
         f"{s['warmup']} warm-up + {s['steps']} timed steps per case in a fresh process"
         + (f", {s['repeats']} interleaved processes per case." if s["repeats"] > 1 else "."),
         "",
-        "| case | trainable params | median step (s) | min step (s) | x floor | x PEFT | peak RSS (MB) | RSS x PEFT |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        tokens_note(s),
+        "",
+        "| case | trainable params | median step (s) | min step (s) | x floor | x full | x PEFT "
+        "| peak RSS (MB) | RSS x PEFT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["results"]:
         if "error" in row:
             message = " ".join(row["error"].split()).replace("|", "/")
-            lines.append(f"| {row['case']} | error: {message} | | | | | | |")
+            lines.append(f"| {row['case']} | error: {message} | | | | | | | |")
             continue
         mark = " †" if is_noisy(row) else ""
         lines.append(
             f"| {row['case']} | {row['trainable_params']:,} | {row['median_s']:.3f}{mark} | {row['min_s']:.3f} "
-            f"| {fmt(row['ratio_to_floor'], '.3f')} | {fmt(row['ratio_to_peft'], '.3f')} "
-            f"| {row['peak_rss_mb']:.0f} | {fmt(row['rss_ratio_to_peft'], '.3f')} |"
+            f"| {fmt(row['ratio_to_floor'], '.3f')} | {fmt(row['ratio_to_full'], '.3f')} "
+            f"| {peft_ratio(row, 'ratio_to_peft')} "
+            f"| {row['peak_rss_mb']:.0f} | {peft_ratio(row, 'rss_ratio_to_peft')} |"
         )
+    lines += ["", "x PEFT and RSS x PEFT compare a peftkit row with PEFT's same method and settings: "
+              + ", ".join(f"{k} with {v}" for k, v in PEFT_COUNTERPART.items())
+              + ". \"n/a\": no PEFT reference (PEFT has no bottleneck adapters); "
+              "\"–\": the reference case isn't in this run."]
     lines += ["", noise_note(report)]
     lines += ["", "Design targets (\"not measured\" when this run lacks a side of the comparison):", ""]
     for t in report["targets"]:
@@ -467,17 +578,31 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def parse_cases(text: str) -> list[str]:
-    cases = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
+    """Case names and group names (``all``, ``lora``, ``methods``), comma-separated.
+
+    Groups expand in place; a case named twice runs once, where it first appears.
+    """
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES and c not in CASE_GROUPS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown}; choose from {CASES}")
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {unknown}; choose from {CASES} or the groups {sorted(CASE_GROUPS)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no cases given")
+    cases: list[str] = []
+    for name in names:
+        for case in CASE_GROUPS.get(name, [name]):
+            if case not in cases:
+                cases.append(case)
     return cases
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=parse_cases, default=CASES,
-                   help=f"comma-separated subset of {','.join(CASES)} (default: all)")
+                   help=f"comma-separated cases ({','.join(CASES)}) and/or groups: "
+                        f"lora ({','.join(CASE_GROUPS['lora'])}), "
+                        f"methods ({','.join(CASE_GROUPS['methods'])}), all (default: all)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per case (default 3)")
     p.add_argument("--repeats", type=int, default=1,
@@ -507,7 +632,9 @@ def main(argv=None) -> int:
         "machine": machine_info(args.threads),
         "setup": {
             "model": MODEL_CONFIG, "dtype": "float32", "attn_implementation": ATTN_IMPLEMENTATION,
-            "batch": BATCH, "seq_len": SEQ_LEN, "lr": LR, "seed": SEED, "lora": LORA,
+            "batch": BATCH, "seq_len": SEQ_LEN, "real_tokens_per_step": BATCH * SEQ_LEN,
+            "lr": LR, "seed": SEED, "lora": LORA, "adapter": ADAPTER,
+            "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
             "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
         },
         "results": [results[c] for c in args.cases],
