@@ -217,3 +217,29 @@ def test_compare_on_a_llama_7b_config_and_a_folder(folders, tmp_path, capsys):
     assert main(["compare", "--model", str(folders / "llama")]) == 0
     assert "adapter houlsby" in capsys.readouterr().out
     assert main(["compare", "--config", str(tmp_path / "nope.json")]) == 2
+
+
+def test_merge_refuses_a_method_that_cannot_fold(folders, tmp_path):
+    out = tmp_path / "prefix-run"
+    cli("train", "--model", folders / "llama", "--data", folders / "text.jsonl", "--out", out, "--method", "prefix",
+        "--virtual-tokens", 4, "--steps", 1, "--no-progress")
+    proc = cli("merge", "--model", folders / "llama", "--adapter", out / "adapter", "--out", tmp_path / "m", check=False)
+    assert proc.returncode == 2 and "only LoRA folds into the weights" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_demo_on_your_own_model_and_data(folders, tmp_path):
+    proc = cli("demo", "--model", folders / "llama", "--data", folders / "text.jsonl", "--steps", 2,
+               "--out", tmp_path / "demo", "--no-progress")
+    assert "LoRA r=8 all-linear" in proc.stdout and "A acc after" not in proc.stdout
+    assert "OK: the adapter reloads and merges" in proc.stdout
+
+
+def test_model_folder_without_weights_is_refused(folders, tmp_path, capsys):
+    from peftkit.cli import main
+
+    tiny_llama().config.save_pretrained(tmp_path / "noweights")
+    code = main(["train", "--model", str(tmp_path / "noweights"), "--data", str(folders / "text.jsonl"),
+                 "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"])
+    assert code == 2 and "no weights" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

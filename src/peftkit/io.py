@@ -417,9 +417,9 @@ def _take_saved_base_weights(
     taken: dict[str, torch.Tensor] = {}
     for path in model.target_paths[name]:
         key = f"base_model.model.{path}.base_layer.weight"
-        if key in tensors:
+        current = getattr(model.base_model.get_submodule(path).unwrap(), "weight", None)
+        if key in tensors and current is not None:  # else left for the key check to report
             saved = tensors.pop(key)
-            current = model.base_model.get_submodule(path).unwrap().weight
             if tuple(saved.shape) != tuple(current.shape):
                 raise AdapterFileError(
                     f"adapter {directory} does not fit this model (was it saved for another base "
