@@ -1,4 +1,4 @@
-"""One test per classic PEFT mistake handled so far (M1-M8, M10-M12).
+"""One test per classic PEFT mistake, M1-M12.
 
 Each test builds the mistake by hand, the way tutorials and hurried scripts do, shows the
 wrong result it gives, and shows peftkit doing the same job right.
@@ -189,6 +189,27 @@ def test_m8_adapter_without_residual():
     hand.load_state_dict({f"{part}.{kind}": getattr(getattr(ours, part), kind)
                           for part in ("down", "up") for kind in ("weight", "bias")})
     torch.testing.assert_close(ours(h), h + hand(h))
+
+
+def test_m9_learning_rate_too_low_for_peft():
+    from peftkit.train import train
+
+    ids = torch.randint(0, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}]
+
+    def lora_b_after(lr):
+        pm = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4))
+        train(pm, batches, steps=10, lr=lr, progress=False)
+        moved = sum(p.abs().sum().item() for n, p in pm.trainable_parameters().items() if "lora_B" in n)
+        return pm, moved
+
+    # Mistake: a full fine-tuning rate; B starts at zero and AdamW moves it ~lr per step.
+    pm, moved_low = lora_b_after(1e-5)
+    # peftkit: no rate given -> LoRA's default, 2e-4.
+    _, moved_default = lora_b_after(None)
+    assert moved_default > 10 * moved_low
+    optimizer = torch.optim.AdamW(pm.trainable_parameters().values(), lr=1e-5)
+    assert "M9" in peftkit.doctor(pm, optimizer=optimizer).ids()
 
 
 def test_m10_saving_the_whole_model(tmp_path):

@@ -81,3 +81,19 @@ def test_resume_with_other_parameters_is_refused(tmp_path):
     other = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4, target_modules=["q"]))
     with pytest.raises(ValueError, match="other trainable parameters"):
         train(other, batches, steps=4, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
+
+
+def test_each_active_method_trains_at_its_own_default_rate():
+    pm = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4), name="lora")
+    peftkit.attach(pm, peftkit.PromptConfig(num_virtual_tokens=4), name="prompt")
+    pm.set_adapter(["lora", "prompt"])
+    seen = {}
+
+    def record(model, optimizer, batch):
+        for group in optimizer.param_groups:
+            seen[group["initial_lr"]] = sum(p.numel() for p in group["params"])
+
+    ids = torch.randint(0, 200, (2, 8))
+    train(pm, [{"input_ids": ids, "labels": ids}], steps=1, progress=False, preflight=record)
+    lora_params = sum(p.numel() for n, p in pm.trainable_parameters().items() if "lora_" in n)
+    assert seen == {2e-4: lora_params, 3e-2: 4 * 64}  # prompt: 4 tokens x hidden 64

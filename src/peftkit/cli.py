@@ -87,7 +87,7 @@ def _method_config(args: argparse.Namespace, tokenizer=None):
              if o not in allowed and getattr(args, o) not in (None, False)]
     if stray:
         flags = ", ".join("--" + o.replace("_", "-") for o in sorted(set(stray)))
-        raise SystemExit(f"error: {flags} do(es) not apply to --method {args.method}.")
+        raise ValueError(f"{flags} do(es) not apply to --method {args.method}.")
     given = {k: getattr(args, k) for k in allowed if getattr(args, k) not in (None, False)}
     targets = given.pop("targets", None)
     if targets is not None and targets not in ("attention", "all-linear"):

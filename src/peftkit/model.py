@@ -230,6 +230,17 @@ class PeftModel(nn.Module):
                     for local, param in module.adapter_parameters(name):
                         yield f"{path}.{local}", param
 
+    def parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """(adapter name, its trainable parameters) for each active adapter, so that each
+        method can train at its own learning rate (M9) when several are active."""
+        groups, seen = [], set()
+        for name in self.active_adapters:
+            params = [p for _, p in self._adapter_parameters([name]) if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append((name, params))
+        return groups
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Path -> parameter for every parameter that requires grad (the optimizer's list);
         paths are relative to the wrapped model, prompt and prefix ones start ``input_adapters.``."""

@@ -144,14 +144,18 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
     may raise to stop the run.
     """
-    if lr is None:
-        if not isinstance(model, PeftModel):
-            raise ValueError("full fine-tuning needs an explicit learning rate.")
-        lr = default_learning_rate(next(iter(model.configs.values())))
-    params = list(trainable_parameters(model).values())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if lr is not None:
+        groups = [{"params": list(trainable_parameters(model).values()), "lr": lr}]
+    elif isinstance(model, PeftModel):
+        # Each active adapter at its method's rate: LoRA + prompt trains LoRA at 2e-4 and the
+        # prompt at 3e-2, where one shared rate would starve one of them (M9).
+        groups = [{"params": params, "lr": default_learning_rate(model.configs[name])}
+                  for name, params in model.parameter_groups()]
+    else:
+        raise ValueError("full fine-tuning needs an explicit learning rate.")
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
-    result = TrainResult(learning_rate=lr)
+    result = TrainResult(learning_rate=max(g["lr"] for g in groups))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
