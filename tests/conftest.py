@@ -42,6 +42,15 @@ def tiny_reference(seed: int = 0):
                                             intermediate_size=128, max_positions=128)).eval()
 
 
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=128, max_position_embeddings=128, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "reference": tiny_reference}
 
 
@@ -60,6 +69,15 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
 def model_output(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and immune to other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

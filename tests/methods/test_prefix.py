@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BUILDERS, tiny_llama, tiny_reference
+from conftest import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
 from torch import nn
 from virtual_tokens import assert_padded_batch_exact, greedy_by_recomputing, hidden, pad, rows
 
@@ -26,13 +26,7 @@ ARCHS = ["llama", "gpt2", "bert", "reference"]
 DECODERS = ["llama", "gpt2", "reference"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prefixed(arch: str, seed: int = 0, **config) -> peftkit.PeftModel:
@@ -40,15 +34,6 @@ def prefixed(arch: str, seed: int = 0, **config) -> peftkit.PeftModel:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = None  # generate the full length in comparisons
     return peftkit.attach(model, peftkit.PrefixConfig(num_virtual_tokens=N, **config))
-
-
-def bert_classifier(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=128, num_labels=2)
-    return BertForSequenceClassification(config).eval()
 
 
 # -- the encoder --------------------------------------------------------------------------
@@ -188,7 +173,7 @@ def test_caller_positions_move_behind_the_prefix():
 
 
 def test_bert_classification_with_a_prefix():
-    pm = peftkit.attach(bert_classifier(), peftkit.PrefixConfig(num_virtual_tokens=N))
+    pm = peftkit.attach(tiny_bert_classifier(), peftkit.PrefixConfig(num_virtual_tokens=N))
     rows_ = rows(seed=5, lengths=(7, 4, 6, 5))
     ids, mask = pad(rows_, "right")
     labels = torch.tensor([0, 1, 1, 0])

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUILDERS, tiny_llama, tiny_reference
+from conftest import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
 from virtual_tokens import (
     assert_padded_batch_exact, greedy_by_recomputing, hidden, pad, rows,
 )
@@ -25,13 +25,7 @@ PAD_ID = 0
 DECODERS = ["llama", "gpt2", "reference"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompted(arch: str, seed: int = 0, **config) -> peftkit.PeftModel:
@@ -39,15 +33,6 @@ def prompted(arch: str, seed: int = 0, **config) -> peftkit.PeftModel:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = None  # generate the full length in comparisons
     return peftkit.attach(model, peftkit.PromptConfig(num_virtual_tokens=N, **config))
-
-
-def bert_classifier(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=128, num_labels=2)
-    return BertForSequenceClassification(config).eval()
 
 
 # -- the encoder ---------------------------------------------------------------------
@@ -242,7 +227,7 @@ def test_prompt_tuning_learns_on_the_reference_decoder():
 
 def test_bert_classification_with_a_prompt():
     """Class labels (B,) are not token labels: they are passed through, never extended."""
-    pm = peftkit.attach(bert_classifier(), peftkit.PromptConfig(num_virtual_tokens=N, init="vocab"))
+    pm = peftkit.attach(tiny_bert_classifier(), peftkit.PromptConfig(num_virtual_tokens=N, init="vocab"))
     rows_ = rows(seed=5, lengths=(7, 4, 6, 5))
     ids, mask = pad(rows_, "right")
     labels = torch.tensor([0, 1, 1, 0])
@@ -371,7 +356,7 @@ def test_peftkit_prompt_loads_in_hf_peft(arch, tmp_path):
 def test_hf_peft_classifier_heads_are_refused(tmp_path):
     """PEFT's SEQ_CLS prompts carry a trained copy of the classifier, which peftkit lacks."""
     peft = pytest.importorskip("peft")
-    hf = peft.get_peft_model(bert_classifier(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
+    hf = peft.get_peft_model(tiny_bert_classifier(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(peftkit.AdapterFileError, match="modules_to_save"):
-        peftkit.load(bert_classifier(), tmp_path / "hf")
+        peftkit.load(tiny_bert_classifier(), tmp_path / "hf")
