@@ -115,13 +115,7 @@ def assert_untouched(model: nn.Module, expected: torch.Tensor) -> None:
     torch.testing.assert_close(output(model), expected, rtol=0, atol=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conftest.py
 
 
 @pytest.fixture
