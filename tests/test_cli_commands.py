@@ -243,3 +243,22 @@ def test_model_folder_without_weights_is_refused(folders, tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"])
     assert code == 2 and "no weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_held_out_file_with_a_class_the_training_data_lacks(folders, tmp_path, capsys):
+    """--eval-data replaces the random split; a label the model never trained on is named,
+    and the run writes nothing."""
+    from peftkit.cli import main
+
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"text": "the movie was fine", "label": "fresh"},
+                                                          {"text": "the movie was long", "label": "meh"}])
+    args = ["train", "--model", str(folders / "bert"), "--data", str(folders / "labels.jsonl"),
+            "--eval-data", str(held_out), "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "held-out file" in err and "labels ['meh'] are not among the classes ['fresh', 'rotten']" in err
+    assert not (tmp_path / "out").exists()
+
+    write_jsonl(held_out, [{"text": "the movie was fine", "label": "fresh"}])
+    assert main(args) == 0
+    assert "24 train / 1 held-out examples" in capsys.readouterr().out

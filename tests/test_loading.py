@@ -64,3 +64,58 @@ def test_folder_without_weights(tmp_path):
     llama.config.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="no weights"):
         load_model(tmp_path)
+
+
+# -- GGUF files: the header is checked before transformers is asked to dequantize -------
+def write_gguf(path, architecture: str, *, adapter: bool = False):
+    """A small GGUF file with one float32 tensor and the metadata of ``architecture``."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_block_count(1)
+    if adapter:
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_read(tmp_path):
+    path = write_gguf(tmp_path / "model.gguf", "rwkv6")
+    with pytest.raises(ModelLoadError, match=r"cannot dequantize GGUF architecture 'rwkv6'.*'llama'.*Convert"):
+        load_model(path)
+
+
+def test_a_truncated_gguf(tmp_path):
+    whole = write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file.*truncated or corrupt"):
+        load_model(cut)
+
+
+def test_a_gguf_adapter_given_as_the_model(tmp_path):
+    path = write_gguf(tmp_path / "lora.gguf", "llama", adapter=True)
+    with pytest.raises(ModelLoadError, match="is a GGUF adapter"):
+        load_model(path)
+
+
+def test_a_gguf_without_the_gguf_package(tmp_path, monkeypatch):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # import gguf now fails
+    with pytest.raises(ModelLoadError, match="needs the gguf package: pip install gguf"):
+        load_model(tmp_path / "model.gguf")
+
+
+def test_a_folder_with_one_gguf_is_that_file_and_with_two_must_be_named(tmp_path):
+    write_gguf(tmp_path / "a.gguf", "rwkv6")
+    with pytest.raises(ModelLoadError, match="rwkv6"):  # it was read: the folder stood for the file
+        load_model(tmp_path)
+    write_gguf(tmp_path / "b.gguf", "rwkv6")
+    with pytest.raises(ModelLoadError, match="several .gguf files"):
+        load_model(tmp_path)

@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
-                             warmup_ratio=args.warmup_ratio)
+                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress, preflight=_doctor_preflight)
     except PreflightFailed as e:
@@ -227,13 +227,40 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``)."""
+    from .export import export_gguf_lora, read_gguf_lora
+    from .io import AdapterFileError
+
+    try:
+        out = export_gguf_lora(args.adapter, args.gguf, base=args.model, dtype=args.dtype,
+                               overwrite=args.overwrite)
+    except (AdapterFileError, ValueError, OSError) as e:
+        return _fail(str(e))
+    summary = read_gguf_lora(out)
+    base = args.model if args.model and str(args.model).endswith(".gguf") else "BASE.gguf"
+    print(f"{out}")
+    print(_table([
+        ("tensors", f"{summary.tensors} ({summary.tensors // 2} LoRA pairs, rank {summary.rank}, {summary.dtype})"),
+        ("layers", f"{summary.layers}: {', '.join(summary.targets)}"),
+        ("alpha written", f"{summary.alpha:g} (llama.cpp scales by alpha / r = {summary.alpha / summary.rank:g})"),
+        ("size", _human_bytes(summary.size)),
+        ("apply with", f"llama-cli -m {base} --lora {out}"),
+    ]))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe an adapter folder, or say what is wrong with it (exit 1)."""
+    """Describe an adapter folder or a model (folder or .gguf), or say what is wrong with it
+    (exit 1)."""
     from pathlib import Path
 
-    from .io import AdapterFileError, read_config, read_tensors
+    from .io import CONFIG_NAME, AdapterFileError, read_config, read_tensors
 
-    folder = Path(args.adapter_dir)
+    folder = Path(args.path)
+    if args.path == "reference" or not (folder / CONFIG_NAME).is_file() and (
+            folder.is_file() or (folder / "config.json").is_file() or any(folder.glob("*.gguf"))):
+        return _model_info(folder)
     try:
         config = read_config(folder)
         tensors = read_tensors(folder)
@@ -256,6 +283,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     print(f"{folder}")
     print(_table(rows))
+    return 0
+
+
+def _model_info(path) -> int:
+    """Describe a base model from its config or GGUF header alone (no weights are read)."""
+    from .loading import ModelLoadError, gguf_file_in, describe_model
+
+    try:
+        facts = describe_model(path)
+    except ModelLoadError as e:
+        print(f"{path}: not a usable model.\n  problem: {e}", file=sys.stderr)
+        return 1
+    print(f"{gguf_file_in(path) or path}")
+    print(_table([(k, str(v)) for k, v in facts.items()]))
     return 0
 
 
@@ -346,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
+    train.add_argument("--eval-data", help="a held-out JSONL file (same format) instead of --eval-fraction")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
     train.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -383,8 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="a new folder for the merged model (safetensors)")
     merge.set_defaults(func=cmd_merge)
 
-    info = sub.add_parser("info", help="describe an adapter folder and check that it is whole")
-    info.add_argument("adapter_dir")
+    export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora)")
+    export.add_argument("--adapter", required=True, help="a LoRA adapter folder for a llama-architecture model")
+    export.add_argument("--gguf", required=True, help="the .gguf file to write")
+    export.add_argument("--model", help="the base model's .gguf file or transformers folder (for its head counts; "
+                                        "default: the adapter's base_model_name_or_path if it is local)")
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    export.set_defaults(func=cmd_export)
+
+    info = sub.add_parser("info", help="describe an adapter folder (and check that it is whole) or a model "
+                                       "(folder or .gguf)")
+    info.add_argument("path", help="an adapter folder, a model folder or a .gguf file")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate text with a model and an optional adapter")

@@ -25,9 +25,24 @@ def _check_positive_int(owner: str, name: str, value: Any) -> None:
 
 
 class _DictMixin:
-    """JSON round trip shared by the method configs; unknown fields are errors."""
+    """JSON round trip shared by the method configs; unknown fields are errors.
+
+    Every method config also has ``modules_to_save``: modules trained in full and saved with
+    the adapter (Hugging Face PEFT's name). None picks the classification head
+    (``classifier`` or ``score``) of a sequence-classification model and nothing otherwise;
+    ``[]`` trains no module in full.
+    """
 
     peft_type: ClassVar[str]
+
+    def _check_modules_to_save(self) -> None:
+        names = self.modules_to_save
+        if isinstance(names, (tuple, set)):
+            self.modules_to_save = names = sorted(names)
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(n, str) and n for n in names)):
+            raise ValueError(f"{type(self).__name__}.modules_to_save must be None or a list of module "
+                             f"names, got {names!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"peft_type": self.peft_type, **dataclasses.asdict(self)}
@@ -58,6 +73,7 @@ class LoraConfig(_DictMixin):
             which keeps the update's magnitude steady as r grows.
         bias: ``"none"`` keeps every bias frozen; ``"lora_only"`` trains the biases of
             the targeted layers (they are then saved with the adapter).
+        modules_to_save: modules trained in full beside the adapter (see ``_DictMixin``).
         base_model_name_or_path, task_type: recorded in the adapter file for the reader.
     """
 
@@ -69,10 +85,12 @@ class LoraConfig(_DictMixin):
     target_modules: TargetSpec = None
     use_rslora: bool = False
     bias: str = "none"
+    modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_modules_to_save()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
@@ -136,10 +154,12 @@ class AdapterConfig(_DictMixin):
     dropout: float = 0.0
     scaling: float = 1.0
     target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_modules_to_save()
         _check_positive_int("AdapterConfig", "bottleneck", self.bottleneck)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"AdapterConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}.")
@@ -170,10 +190,12 @@ class PrefixConfig(_DictMixin):
 
     num_virtual_tokens: int = 20
     projection_dim: int | None = None
+    modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_modules_to_save()
         _check_positive_int("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.projection_dim is not None:
             _check_positive_int("PrefixConfig", "projection_dim", self.projection_dim)
@@ -198,10 +220,12 @@ class PromptConfig(_DictMixin):
     init: str = "random"
     init_text: str | None = None
     tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
+    modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_modules_to_save()
         _check_positive_int("PromptConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.init not in PROMPT_INITS:
             raise ValueError(f"PromptConfig.init must be one of {PROMPT_INITS}, got {self.init!r}.")

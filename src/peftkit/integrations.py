@@ -144,13 +144,19 @@ def num_attention_heads(model: nn.Module) -> int | None:
     return config_value(model, "num_attention_heads", "n_head", "num_heads")
 
 
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """A transformers ``...ForSequenceClassification`` model (its head maps to labels)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def task_type(model: nn.Module) -> str:
     """The Hugging Face PEFT ``task_type`` to record for a prompt or prefix on ``model``.
 
     PEFT picks its wrapper class from it, and its base class (task_type None) silently
-    skips the prompt. ``CAUSAL_LM`` for a model that can ``generate``; otherwise
-    ``FEATURE_EXTRACTION``, which prepends the prompt and passes everything else through,
-    classification heads included. (PEFT's ``SEQ_CLS`` wrapper would expect a trained copy
-    of the head in the file, which peftkit never writes.)
+    skips the prompt. ``SEQ_CLS`` for a sequence classifier (PEFT's wrapper then loads the
+    trained head from the file), ``CAUSAL_LM`` for a model that can ``generate``; otherwise
+    ``FEATURE_EXTRACTION``, which prepends the prompt and passes everything else through.
     """
+    if is_sequence_classifier(model):
+        return "SEQ_CLS"
     return "CAUSAL_LM" if callable(getattr(model, "generate", None)) else "FEATURE_EXTRACTION"

@@ -63,6 +63,7 @@ _LORA_FIELDS = {
     "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
     "use_rslora": "use_rslora", "bias": "bias",
     "base_model_name_or_path": "base_model_name_or_path", "task_type": "task_type",
+    "modules_to_save": "modules_to_save",
 }
 # PEFT fields that only describe the file or the initialisation (loaded weights replace it).
 _PEFT_INFORMATIONAL = {
@@ -76,7 +77,7 @@ _PEFT_UNSUPPORTED = {
     "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "layer_replication", "lora_bias", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "modules_to_save",
+    "arrow_config", "kasa_config",
 }
 
 
@@ -156,21 +157,34 @@ def write_adapter_folder(directory: str | Path, config: dict[str, Any], tensors:
     return directory
 
 
-def lora_config_to_peft(config: LoraConfig, target_names: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+def lora_config_to_peft(config: LoraConfig, model: PeftModel, name: str) -> dict[str, Any]:
     """The adapter_config.json that Hugging Face PEFT writes for the same LoRA."""
     data = {peft: getattr(config, ours) for ours, peft in _LORA_FIELDS.items()}
     data.update(
-        peft_type="LORA", target_modules=target_names, fan_in_fan_out=fan_in_fan_out,
-        inference_mode=True, init_lora_weights=True, modules_to_save=None,
+        peft_type="LORA", target_modules=model.saved_target_names(name),
+        fan_in_fan_out=model.uses_conv1d(name), inference_mode=True, init_lora_weights=True,
+        modules_to_save=_saved_modules(model, name),
     )
     return data
+
+
+def _saved_modules(model: PeftModel, name: str) -> list[str] | None:
+    """``modules_to_save`` as written: the paths actually trained in full (the config may say
+    None, "the head if there is one"), None when there are none, as PEFT writes it."""
+    return list(model.trained_copy_paths[name]) or None
+
+
+def _read_modules_to_save(value: Any) -> list[str]:
+    """A file's ``modules_to_save``: absent or null means no module was saved in full (not
+    peftkit's "pick the head" default, which would expect tensors the file lacks)."""
+    return list(value) if value else []
 
 
 # PEFT's names for the prompt initialisations.
 _PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
-def _prompt_learning_fields(config: PromptConfig | PrefixConfig, model: PeftModel) -> dict[str, Any]:
+def _prompt_learning_fields(config: PromptConfig | PrefixConfig, model: PeftModel, name: str) -> dict[str, Any]:
     """Fields PEFT writes for every prompt-learning method. task_type is always set: PEFT
     picks its wrapper class from it, and its base class (task_type None) skips the prompt."""
     return {
@@ -178,11 +192,12 @@ def _prompt_learning_fields(config: PromptConfig | PrefixConfig, model: PeftMode
         "num_layers": integrations.num_layers(model.base_model),
         "task_type": config.task_type or integrations.task_type(model.base_model),
         "base_model_name_or_path": config.base_model_name_or_path,
-        "inference_mode": True, "modules_to_save": None, "revision": None, "auto_mapping": None,
+        "inference_mode": True, "modules_to_save": _saved_modules(model, name), "revision": None,
+        "auto_mapping": None,
     }
 
 
-def prompt_config_to_peft(config: PromptConfig, model: PeftModel) -> dict[str, Any]:
+def prompt_config_to_peft(config: PromptConfig, model: PeftModel, name: str) -> dict[str, Any]:
     """The adapter_config.json that Hugging Face PEFT writes for the same prompt tuning.
 
     The init is only a record (the saved prompt replaces it). PEFT refuses a ``TEXT`` init
@@ -192,7 +207,7 @@ def prompt_config_to_peft(config: PromptConfig, model: PeftModel) -> dict[str, A
     tokenizer_name = getattr(config.tokenizer, "name_or_path", None) or None
     init = _PROMPT_INITS[config.init] if config.init != "text" or tokenizer_name else "RANDOM"
     return {
-        **_prompt_learning_fields(config, model), "peft_type": "PROMPT_TUNING",
+        **_prompt_learning_fields(config, model, name), "peft_type": "PROMPT_TUNING",
         "token_dim": model.input_adapters["prompt"].token_dim,
         "num_attention_heads": integrations.num_attention_heads(model.base_model),
         "prompt_tuning_init": init,
@@ -202,7 +217,7 @@ def prompt_config_to_peft(config: PromptConfig, model: PeftModel) -> dict[str, A
     }
 
 
-def prefix_config_to_peft(config: PrefixConfig, model: PeftModel) -> dict[str, Any]:
+def prefix_config_to_peft(config: PrefixConfig, model: PeftModel, name: str) -> dict[str, Any]:
     """The adapter_config.json that Hugging Face PEFT writes for the same prefix tuning.
 
     As PEFT does for grouped-query attention, ``token_dim`` is num_kv_heads * head_dim and
@@ -211,7 +226,7 @@ def prefix_config_to_peft(config: PrefixConfig, model: PeftModel) -> dict[str, A
     """
     encoder = model.input_adapters["prefix"]
     return {
-        **_prompt_learning_fields(config, model), "peft_type": "PREFIX_TUNING",
+        **_prompt_learning_fields(config, model, name), "peft_type": "PREFIX_TUNING",
         "token_dim": encoder.kv_dim, "num_attention_heads": encoder.num_kv_heads,
         "num_layers": encoder.num_layers, "encoder_hidden_size": encoder.kv_dim,
         "prefix_projection": False, "init_weights": None,
@@ -224,13 +239,13 @@ def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
     config = model.configs[name]
     if isinstance(config, LoraConfig):
-        data = lora_config_to_peft(config, model.saved_target_names(name), model.uses_conv1d(name))
+        data = lora_config_to_peft(config, model, name)
     elif isinstance(config, AdapterConfig):
-        data = config.to_dict()
+        data = {**config.to_dict(), "modules_to_save": _saved_modules(model, name)}
     elif isinstance(config, PromptConfig):
-        data = prompt_config_to_peft(config, model)
+        data = prompt_config_to_peft(config, model, name)
     elif isinstance(config, PrefixConfig):
-        data = prefix_config_to_peft(config, model)
+        data = prefix_config_to_peft(config, model, name)
     else:
         raise TypeError(f"peftkit cannot save a {type(config).__name__} adapter yet.")
     return write_adapter_folder(directory, data, model.adapter_tensors(name))
@@ -264,7 +279,9 @@ def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
     ours = {v: k for k, v in _LORA_FIELDS.items()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ours:
+        if key == "modules_to_save":
+            kwargs[key] = _read_modules_to_save(value)
+        elif key in ours:
             kwargs[ours[key]] = value
         elif key in _PEFT_UNSUPPORTED:
             if value not in (None, False, {}, []):
@@ -276,6 +293,7 @@ def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
             raise AdapterFileError(f"{path}: unknown config field {key!r}; the file is not a LoRA adapter config peftkit knows.")
     if "lora_alpha" not in data or "r" not in data:
         raise AdapterFileError(f"{path}: a LoRA config needs 'r' and 'lora_alpha'.")
+    kwargs.setdefault("modules_to_save", [])
     try:
         return LoraConfig(**kwargs)
     except ValueError as e:
@@ -284,7 +302,7 @@ def _lora_config_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
 
 def _bottleneck_config(data: dict[str, Any], path: Path) -> AdapterConfig:
     try:
-        return AdapterConfig.from_dict(data)
+        return AdapterConfig.from_dict({**data, "modules_to_save": _read_modules_to_save(data.get("modules_to_save"))})
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{path}: {e}") from e
 
@@ -317,14 +335,12 @@ def _prompt_learning_kwargs(data: dict[str, Any], path: Path, informational: set
                     f"{path}: num_transformer_submodules={value!r} is an encoder-decoder prompt, which "
                     "peftkit does not implement; load this adapter with PEFT instead.")
         elif key == "modules_to_save":
-            if value not in (None, []):
-                raise AdapterFileError(
-                    f"{path}: modules_to_save={value!r} asks for fully trained copies of layers, which "
-                    "peftkit does not implement; load this adapter with PEFT instead.")
+            kwargs[key] = _read_modules_to_save(value)
         elif key not in informational:
             raise AdapterFileError(f"{path}: unknown config field {key!r} for peft_type {data['peft_type']}.")
     if "num_virtual_tokens" not in data:
         raise AdapterFileError(f"{path}: a {data['peft_type']} config needs 'num_virtual_tokens'.")
+    kwargs.setdefault("modules_to_save", [])
     return kwargs
 
 

@@ -2,13 +2,16 @@
 
 ``--model`` takes ``reference`` (the built-in reference decoder, already taught the demo's
 task A by peftkit's own code and cached), a folder written by
-``ReferenceDecoder.save_pretrained``, or a local transformers folder (config.json +
-safetensors weights + tokenizer files). Nothing is downloaded: transformers is always
-called with ``local_files_only=True``.
+``ReferenceDecoder.save_pretrained``, a local transformers folder (config.json +
+safetensors weights + tokenizer files), or a single ``.gguf`` file as llama.cpp and Ollama
+keep them (transformers dequantizes it to float32 and builds its tokenizer from the same
+file; needs the ``gguf`` package). Nothing is downloaded: transformers is always called
+with ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -95,7 +98,8 @@ def reference_base(progress: bool = True) -> Path:
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json; --model takes 'reference' or a model folder.")
+        raise ModelLoadError(f"{folder} has no config.json; --model takes 'reference', a model folder "
+                             "(config.json + weights + tokenizer) or a .gguf file.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -109,12 +113,18 @@ def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | N
         path = reference_base(progress)
     folder = Path(path)
     if not folder.exists():
-        raise ModelLoadError(f"model path {folder} does not exist; pass 'reference' or a local model folder.")
+        raise ModelLoadError(f"model path {folder} does not exist; pass 'reference', a local model folder "
+                             "or a .gguf file.")
+    gguf_file = gguf_file_in(folder)
+    if gguf_file is not None:
+        return _load_gguf(gguf_file, task, num_labels)
     if not folder.is_dir():
-        raise ModelLoadError(f"model path {folder} is a file; pass the folder that holds config.json and the weights.")
+        raise ModelLoadError(f"model path {folder} is a file but not a .gguf file; pass the folder that holds "
+                             "config.json and the weights, or a .gguf file.")
     config = _read_config(folder)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ModelLoadError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}).")
+        raise ModelLoadError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}); "
+                             "copy the weights in, or pass the folder that has them.")
     if config.get("model_type") == ReferenceConfig.model_type:
         if task != "causal-lm":
             raise ModelLoadError("the reference decoder has no classification head; use a transformers "
@@ -143,6 +153,143 @@ def _load_transformers(folder: Path, task: str, num_labels: int | None) -> Loade
     return LoadedModel(model.eval(), tokenizer, str(folder), task)
 
 
+# -- GGUF ---------------------------------------------------------------------------
+GGUF_SUFFIX = ".gguf"
+
+
+def gguf_file_in(path: Path) -> Path | None:
+    """The GGUF file that ``path`` names: the file itself, or the only .gguf in a folder
+    that has no config.json (a folder as Ollama-style downloads leave it)."""
+    if path.is_file():
+        return path if path.suffix.lower() == GGUF_SUFFIX else None
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(found) > 1:
+            raise ModelLoadError(f"{path} holds several .gguf files ({[f.name for f in found]}); pass one of them.")
+        return found[0] if found else None
+    return None
+
+
+@dataclass(frozen=True)
+class GgufSummary:
+    """What a GGUF file's header says: architecture, tensor count and storage types."""
+
+    path: Path
+    architecture: str
+    tensor_types: dict[str, int]  # e.g. {"Q4_1": 210, "F32": 61}
+    metadata: dict[str, Any]      # scalar metadata fields (tokenizer arrays left out)
+    tensor_names: frozenset[str]
+
+
+def read_gguf_header(path: str | Path) -> GgufSummary:
+    """Parse a GGUF file's header (no weights are dequantized), or say why it cannot be read."""
+    path = Path(path)
+    try:
+        import gguf
+    except ImportError as e:
+        raise ModelLoadError(f"{path} is a GGUF file; reading it needs the gguf package: pip install gguf "
+                             "(or pip install 'peftkit[gguf]').") from e
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a damaged file
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
+                             "or corrupt. Copy or download it again.") from e
+    metadata: dict[str, Any] = {}
+    for key, field_ in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and len(field_.data) > 1:
+            continue  # the vocabulary and merges: large, and not metadata a user reads
+        try:
+            metadata[key] = field_.contents()
+        except Exception:  # noqa: BLE001 - an exotic field type is left out of the summary
+            continue
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    architecture = str(metadata.get("general.architecture", ""))
+    if not architecture:
+        raise ModelLoadError(f"{path} has no general.architecture field; it is not a model GGUF (an adapter?).")
+    return GgufSummary(path, architecture, types, metadata, frozenset(t.name for t in reader.tensors))
+
+
+def _supported_gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def _check_gguf(path: Path) -> GgufSummary:
+    """The header of a GGUF that transformers can dequantize, or a clear error."""
+    summary = read_gguf_header(path)
+    if summary.metadata.get("general.type") == "adapter":
+        raise ModelLoadError(f"{path} is a GGUF adapter (LoRA), not a model; pass the base model's .gguf as "
+                             "--model.")
+    try:
+        supported = _supported_gguf_architectures()
+    except ImportError as e:
+        raise ModelLoadError("loading a .gguf file needs transformers: pip install 'peftkit[hf]'.") from e
+    if summary.architecture not in supported:
+        raise ModelLoadError(
+            f"{path}: transformers cannot dequantize GGUF architecture {summary.architecture!r} (it reads "
+            f"{supported}). Convert the original checkpoint to a transformers folder and pass that instead.")
+    return summary
+
+
+def _load_gguf(path: Path, task: str, num_labels: int | None) -> LoadedModel:
+    """Dequantize a GGUF file into a float32 transformers model, tokenizer from the same file."""
+    _check_gguf(path)
+    import transformers
+
+    auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"local_files_only": True, "gguf_file": path.name}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = auto.from_pretrained(path.parent, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: transformers could not build a {task} model from this GGUF ({e}).") from e
+    _forget_gguf_quantization(model)
+    return LoadedModel(model.eval(), tokenizer, str(path), task)
+
+
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """transformers marks a model read from GGUF as quantized and then refuses to
+    ``save_pretrained`` it, although its weights are plain float32 tensors by now. Drop the
+    mark, so that a merged model can be written as a safetensors folder."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def gguf_config(path: str | Path) -> dict[str, Any]:
+    """The transformers config dict a GGUF file describes, from its header alone, with
+    transformers' own table of GGUF names (``llama.block_count`` -> ``num_hidden_layers``).
+    The output head is tied to the embeddings when the file stores no ``output.weight``."""
+    path = Path(path).resolve()
+    return dict(_gguf_config(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: Path, mtime_ns: int) -> dict[str, Any]:
+    # Parsing a header means reading the whole vocabulary (seconds for 50k tokens), and
+    # `peftkit compare` builds the model once per method: parse each file version once.
+    summary = _check_gguf(path)
+    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_MAPPING
+
+    arch = summary.architecture
+    config: dict[str, Any] = {"model_type": arch}
+    for gguf_name, hf_name in GGUF_CONFIG_MAPPING.get(arch, {}).items():
+        value = summary.metadata.get(f"{arch}.{gguf_name}")
+        if hf_name is not None and value is not None:
+            config[hf_name] = value
+    if "vocab_size" not in config and "token_embd.weight" in summary.tensor_names:
+        config["vocab_size"] = summary.metadata.get("tokenizer.ggml.vocab_size")
+    config["tie_word_embeddings"] = "output.weight" not in summary.tensor_names
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
     """Write ``loaded.model`` (and its tokenizer) as a model folder that ``load_model`` and,
     for transformers models, ``from_pretrained`` read: safetensors weights, built aside and
@@ -167,13 +314,65 @@ def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
     return folder
 
 
+def describe_model(path: str | Path) -> dict[str, str]:
+    """Readable facts of a model folder, .gguf file or 'reference': kind, architecture,
+    shape, parameters, storage and size, and peftkit's default LoRA targets for it."""
+    from . import integrations
+    from .targets import DEFAULT_TARGETS
+
+    path = Path(path)
+    gguf_file = gguf_file_in(path) if str(path) != REFERENCE else None
+    model = meta_model(path)
+    config = getattr(model, "config", None)
+    value = lambda *names: integrations.config_value(model, *names)  # noqa: E731
+    facts = {
+        "kind": ("GGUF file (dequantized to float32 on load)" if gguf_file else
+                 "peftkit's reference decoder" if str(path) == REFERENCE else "model folder"),
+        "architecture": f"{type(model).__name__} ({integrations.model_type(model)})",
+        "layers": integrations.num_layers(model),
+        "hidden size": value("hidden_size", "n_embd", "d_model"),
+        "attention heads": f"{integrations.num_attention_heads(model)} query, "
+                           f"{value('num_key_value_heads') or integrations.num_attention_heads(model)} key/value",
+        "vocabulary": value("vocab_size"),
+        "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+    }
+    if gguf_file:
+        summary = read_gguf_header(gguf_file)
+        facts["storage"] = ", ".join(f"{n} x {t}" for t, n in sorted(summary.tensor_types.items(), key=lambda kv: -kv[1]))
+        facts["size on disk"] = f"{gguf_file.stat().st_size / 2**20:.1f} MB"
+    elif path.is_dir():
+        facts["storage"] = _stored_dtypes(path)
+        if path.is_dir():
+            facts["size on disk"] = f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20:.1f} MB"
+    targets = getattr(model, "peft_default_targets", None) or DEFAULT_TARGETS.get(integrations.model_type(model) or "")
+    facts["default LoRA targets"] = ", ".join(targets) if targets else "none known: pass --targets"
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _stored_dtypes(folder: Path) -> str:
+    """The dtypes of a folder's safetensors weights, read from the file header."""
+    from safetensors import safe_open
+
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        return "(sharded or not safetensors)"
+    with safe_open(file, framework="pt") as weights:
+        counts: dict[str, int] = {}
+        for name in weights.keys():
+            dtype = weights.get_slice(name).get_dtype()
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return ", ".join(f"{n} x {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def meta_model(path: str | Path) -> nn.Module:
     """The model's module tree on the meta device (shapes only, no memory, no weights read),
-    from a model folder, a bare config.json, or 'reference'."""
+    from a model folder, a bare config.json, a .gguf file, or 'reference'."""
     import torch
 
     if str(path) == REFERENCE:
         config = ReferenceConfig().to_dict()
+    elif gguf_file_in(Path(path)) is not None:
+        config = gguf_config(gguf_file_in(Path(path)))
     else:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
@@ -195,7 +394,10 @@ def meta_model(path: str | Path) -> nn.Module:
         hf_config = transformers.AutoConfig.for_model(config.get("model_type", ""), **fields)
     except ValueError as e:
         raise ModelLoadError(f"{path}: unknown or missing model_type {config.get('model_type')!r} ({e}).") from e
+    declared = getattr(transformers, (config.get("architectures") or [""])[0], None)
     with torch.device("meta"):
+        if isinstance(declared, type) and hasattr(declared, "_from_config"):
+            return declared._from_config(hf_config)  # the class the checkpoint was saved from
         try:
             return transformers.AutoModelForCausalLM.from_config(hf_config)
         except ValueError:  # encoders such as BERT have no causal-LM head: count the bare model

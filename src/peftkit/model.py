@@ -9,6 +9,7 @@ declare are trainable (M1), everything else is frozen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
 from .methods.prefix import PrefixEncoder
 from .methods.prompt import PromptEncoder, initial_prompt
+from .methods.trained_copy import TrainedCopy
 
 INPUT_CONFIGS = (PromptConfig, PrefixConfig)
 """Methods that put virtual tokens in front of the input instead of changing layers."""
@@ -47,6 +49,8 @@ class PeftModel(nn.Module):
         self.input_adapters = nn.ModuleDict()
         self.configs: dict[str, PeftConfig] = {}
         self.target_paths: dict[str, list[str]] = {}
+        # Paths of the modules each adapter trains in full (``modules_to_save``).
+        self.trained_copy_paths: dict[str, list[str]] = {}
         self.active_adapters: list[str] = []
         self.frozen_adapters: set[str] = set()
         # Given back when the last adapter is removed, so that a refused load or an unload
@@ -73,9 +77,30 @@ class PeftModel(nn.Module):
         if type(config) not in attachers:
             raise TypeError(f"unsupported config type {type(config).__name__}; "
                             f"peftkit attaches {[c.__name__ for c in attachers]}.")
+        copies = targets.trained_copy_paths(self.base_model, config.modules_to_save)
         self.target_paths[name] = attachers[type(config)](config, name)
-        self.configs[name] = config
+        # Recorded as resolved, so the config says what was done (as a reloaded file does).
+        self.configs[name] = dataclasses.replace(config, modules_to_save=copies)
+        self.trained_copy_paths[name] = []
+        try:
+            for path in copies:
+                self._trained_copy_at(path).add_adapter(name)
+                self.trained_copy_paths[name].append(path)
+        except ValueError:
+            self.delete_adapter(name)  # leave the model as it was
+            raise
         self.set_adapter(name)
+
+    def _trained_copy_at(self, path: str) -> TrainedCopy:
+        module = self.base_model.get_submodule(path)
+        if isinstance(module, TrainedCopy):
+            return module
+        if isinstance(module, AdapterModule):
+            raise ValueError(f"{path!r} is in modules_to_save but already carries a "
+                             f"{type(module).__name__}; a module is either adapted or trained in full.")
+        copy = TrainedCopy(module)
+        self.base_model.set_submodule(path, copy)
+        return copy
 
     def _add_lora(self, config: LoraConfig, name: str) -> list[str]:
         """Wrap every targeted layer (or add to its existing LoRA wrapper); return their paths."""
@@ -194,7 +219,7 @@ class PeftModel(nn.Module):
                 encoder.delete_adapter(name)
                 if not encoder.adapter_names:
                     del self.input_adapters[kind]
-        del self.configs[name], self.target_paths[name]
+        del self.configs[name], self.target_paths[name], self.trained_copy_paths[name]
         self.frozen_adapters.discard(name)
         remaining = [n for n in self.active_adapters if n != name]
         self.set_adapter(remaining or list(self.configs)[:1])
@@ -486,20 +511,24 @@ class PeftModel(nn.Module):
             )
         if not self._lora_layers_merged():
             self.merge()
-        return self._unwrap_all()
+        return self._unwrap_all(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
         if self._lora_layers_merged():
             self.unmerge()
-        return self._unwrap_all()
+        return self._unwrap_all(keep_trained_copies=False)
 
-    def _unwrap_all(self) -> nn.Module:
+    def _unwrap_all(self, keep_trained_copies: bool) -> nn.Module:
+        """Give every replaced module back; a fully trained module (``modules_to_save``) is
+        replaced by the active adapter's trained copy when ``keep_trained_copies``."""
         for path, module in list(adapter_modules(self.base_model)):
-            self.base_model.set_submodule(path, module.unwrap())
+            plain = module.current() if keep_trained_copies and isinstance(module, TrainedCopy) else module.unwrap()
+            self.base_model.set_submodule(path, plain)
         self.input_adapters.clear()
         self.configs.clear()
         self.target_paths.clear()
+        self.trained_copy_paths.clear()
         self.active_adapters = []
         self._set_trainable()
         return self.base_model
@@ -518,13 +547,18 @@ class PeftModel(nn.Module):
 
         io.load_adapter_into(self, directory, name, trainable=trainable)
 
+    def _file_prefix(self, name: str) -> str:
+        """Hugging Face PEFT's key prefix for modules of the wrapped model: its LoRA wraps
+        the model one level deeper (``base_model.model.``) than its prompt learning does."""
+        return "base_model." if isinstance(self.configs[name], INPUT_CONFIGS) else "base_model.model."
+
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """File key -> tensor for adapter ``name``, in Hugging Face PEFT's key layout."""
         tensors: dict[str, torch.Tensor] = {}
         for path, module in adapter_modules(self.base_model):
             if name in module.adapter_names:
                 for local, tensor in module.adapter_state_dict(name).items():
-                    tensors[f"base_model.model.{path}.{local}"] = tensor
+                    tensors[f"{self._file_prefix(name)}{path}.{local}"] = tensor
         # A prompt or prefix sits outside the model: PEFT stores it under its bare key.
         for encoder in self.input_adapters.values():
             if name in encoder.adapter_names:
@@ -535,7 +569,7 @@ class PeftModel(nn.Module):
         """Copy file tensors (keys as in ``adapter_tensors``) into adapter ``name``."""
         for path, module in adapter_modules(self.base_model):
             if name in module.adapter_names:
-                prefix = f"base_model.model.{path}."
+                prefix = f"{self._file_prefix(name)}{path}."
                 module.load_adapter_state_dict(
                     name, {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
         for encoder in self.input_adapters.values():

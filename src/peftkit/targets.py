@@ -177,6 +177,61 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
     return [t for p, t in candidates.items() if p in chosen_paths]  # in model order
 
 
+# The heads Hugging Face PEFT trains in full for every sequence-classification model.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def trained_copy_paths(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Paths of the modules to train in full (``modules_to_save``), in model order.
+
+    None picks the classification head (``classifier`` or ``score``) of a
+    sequence-classification model, and nothing for any other model. A listed name matches a
+    module by its path or a dotted suffix of it; one that matches nothing is an error,
+    except a classifier-head name when the other one is found (PEFT lists both by default).
+    """
+    if names is None:
+        if not integrations.is_sequence_classifier(model):
+            return []
+        names = list(CLASSIFIER_HEADS)
+        lenient = set(CLASSIFIER_HEADS)
+    else:
+        lenient = set(CLASSIFIER_HEADS) if set(CLASSIFIER_HEADS) <= set(names) else set()
+    modules = _top_level_modules(model)
+    chosen: list[str] = []
+    for name in names:
+        hits = [p for p in modules if _matches(p, name)]
+        if not hits and name not in lenient:
+            heads = sorted(p for p in modules if p.rsplit(".", 1)[-1] in HEAD_NAMES)
+            raise ValueError(
+                f"modules_to_save entry {name!r} matches no module of {type(model).__name__} "
+                f"(mistake M4). Its head modules are {heads or 'none'}; pass their names, or [] to "
+                "train no module in full."
+            )
+        chosen.extend(p for p in hits if p not in chosen)
+    if names and not chosen:
+        raise ValueError(f"modules_to_save={names} matches no module of {type(model).__name__}.")
+    nested = [p for p in chosen if any(p.startswith(q + ".") for q in chosen)]
+    if nested:
+        raise ValueError(f"modules_to_save names {nested}, which sit inside other listed modules; list "
+                         "the outer module only.")
+    order = list(modules)
+    return sorted(chosen, key=order.index)
+
+
+def _top_level_modules(model: nn.Module) -> list[str]:
+    """Paths of the model's modules, not descending into adapter modules (their insides
+    are peftkit's, not the user's)."""
+    paths: list[str] = []
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, AdapterModule):
+            inside.append(path)
+        paths.append(path)
+    return paths
+
+
 def check_rank(targets: list[Target], r: int, *, share_warning: float = 0.5) -> None:
     """Mistake M5: a rank at or above min(in, out) is no longer low-rank, so it is an error;
     LoRA parameters above ``share_warning`` of a layer's own parameters earn a warning."""

@@ -235,6 +235,7 @@ class RunOptions:
     max_length: int = 512
     checkpoint_every: int = 50
     warmup_ratio: float = 0.1
+    eval_data: str | None = None  # a held-out JSONL file; default: eval_fraction of the data
 
 
 @dataclass
@@ -295,6 +296,24 @@ def _rewrite_log(path: Path, keep_through_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOptions):
+    """The held-out set from its own file: the training file's format, and for classification
+    only the classes the model is trained on (an unseen class could never be predicted)."""
+    from . import data as datamod
+
+    eval_fmt, records = datamod.read_jsonl(path)
+    if eval_fmt != fmt:
+        raise datamod.DataError(f"{path} is {eval_fmt!r} data but the training file is {fmt!r}; "
+                                "the held-out file must use the same format.")
+    try:
+        return datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
+                                     max_length=options.max_length, classes=train_set.classes or None)
+    except datamod.DataError as e:
+        raise datamod.DataError(f"held-out file {path}: {e} The training data has no example of it, so "
+                                "the model cannot learn it: add examples to the training file or drop "
+                                "those lines.") from e
+
+
 def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str | Path,
                  options: RunOptions, *, resume: bool = False, progress: bool = True,
                  preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None) -> RunSummary:
@@ -316,7 +335,10 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
             "{'text', 'label'} lines need a sequence-classification model and the others a causal LM.")
     dataset = datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
                                     max_length=options.max_length)
-    train_set, eval_set = datamod.split(dataset, options.eval_fraction, options.seed)
+    if options.eval_data:
+        train_set, eval_set = dataset, _held_out_file(options.eval_data, fmt, dataset, loaded, options)
+    else:
+        train_set, eval_set = datamod.split(dataset, options.eval_fraction, options.seed)
     if not train_set.examples:
         raise datamod.DataError(f"{data_path} has too few examples to train on ({len(dataset)}).")
     torch.manual_seed(options.seed)

@@ -233,7 +233,9 @@ def test_bert_classification_with_a_prompt():
     labels = torch.tensor([0, 1, 1, 0])
     out = pm(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (4, 2)
-    optimizer = torch.optim.AdamW(pm.trainable_parameters().values(), lr=1e-1)
+    # The prompt and (by default) a trained copy of the head, at the prompt's default rate.
+    assert {n.split(".")[0] for n in pm.trainable_parameters()} == {"input_adapters", "classifier"}
+    optimizer = torch.optim.AdamW(pm.trainable_parameters().values(), lr=3e-2)
     first = out.loss.item()
     for _ in range(15):
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -351,12 +353,3 @@ def test_peftkit_prompt_loads_in_hf_peft(arch, tmp_path):
         hf = peft.PeftModel.from_pretrained(BUILDERS[arch](0), tmp_path / "ours").eval()
         torch.testing.assert_close(hidden(hf(input_ids=ids, attention_mask=torch.ones_like(ids))), expected,
                                    rtol=0, atol=0)
-
-
-def test_hf_peft_classifier_heads_are_refused(tmp_path):
-    """PEFT's SEQ_CLS prompts carry a trained copy of the classifier, which peftkit lacks."""
-    peft = pytest.importorskip("peft")
-    hf = peft.get_peft_model(tiny_bert_classifier(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
-    hf.save_pretrained(tmp_path / "hf")
-    with pytest.raises(peftkit.AdapterFileError, match="modules_to_save"):
-        peftkit.load(tiny_bert_classifier(), tmp_path / "hf")
