@@ -577,24 +577,29 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def parse_cases(text: str) -> list[str]:
-    """Case names and group names (``all``, ``lora``, ``methods``), comma-separated.
+def expand_cases(text: str, known: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Comma-separated case and group names -> case names (shared with quality.py).
 
     Groups expand in place; a case named twice runs once, where it first appears.
     """
     names = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES and c not in CASE_GROUPS]
+    unknown = [c for c in names if c not in known and c not in groups]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown case(s) {unknown}; choose from {CASES} or the groups {sorted(CASE_GROUPS)}")
+            f"unknown case(s) {unknown}; choose from {known} or the groups {sorted(groups)}")
     if not names:
         raise argparse.ArgumentTypeError("no cases given")
     cases: list[str] = []
     for name in names:
-        for case in CASE_GROUPS.get(name, [name]):
+        for case in groups.get(name, [name]):
             if case not in cases:
                 cases.append(case)
     return cases
+
+
+def parse_cases(text: str) -> list[str]:
+    """Case names and group names (``all``, ``lora``, ``methods``), comma-separated."""
+    return expand_cases(text, CASES, CASE_GROUPS)
 
 
 def parse_args(argv=None):

@@ -856,19 +856,7 @@ def markdown_report(report: dict) -> str:
 
 def parse_cases(text: str) -> list[str]:
     """Case names and group names (``all``, ``classification``, ``generation``), comma-separated."""
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES and c not in CASE_GROUPS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown case(s) {unknown}; choose from {CASES} or the groups {sorted(CASE_GROUPS)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no cases given")
-    cases: list[str] = []
-    for name in names:
-        for case in CASE_GROUPS.get(name, [name]):
-            if case not in cases:
-                cases.append(case)
-    return cases
+    return lora_step.expand_cases(text, CASES, CASE_GROUPS)
 
 
 def parse_seeds(text: str) -> list[int]:
