@@ -6,7 +6,7 @@ MiniLM (``all-MiniLM-L6-v2``: BERT, 6 layers, hidden 384, 22.7 M parameters) wit
 two-way ``classifier`` head, trained on Rotten Tomatoes review sentiment (bench/rotten_tomatoes.py:
 12,808 reviews, split by movie, 10,231 to train and 2,577 held out). Cases:
 
-    head                      only the classifier head trains (lr 1e-3)
+    head                      only the head (pooler and classifier) trains (lr 1e-3)
     full                      full fine-tuning (lr 5e-5, the BERT paper's range)
     peftkit-qv                peftkit LoRA on query, value
     peftkit-all-linear        peftkit LoRA on "all-linear"
@@ -17,17 +17,20 @@ two-way ``classifier`` head, trained on Rotten Tomatoes review sentiment (bench/
     peft-qv, peft-all-linear  Hugging Face PEFT LoRA, the same two target sets
     peft-prefix, peft-prompt  Hugging Face PEFT prefix and prompt tuning, 20 virtual tokens
 
-Every adapter case trains the classifier head beside its adapter (``modules_to_save=
-["classifier"]`` in both libraries; PEFT's SEQ_CLS task adds it anyway). Everything else is
+Every adapter case trains the head in full beside its adapter: the classifier and the
+pooler that feeds it (``modules_to_save=["pooler", "classifier"]`` in both libraries,
+peftkit's default for a BERT classifier; all-MiniLM-L6-v2's pooler weights are near their
+init, and a classifier behind a frozen one stays at the majority class). Everything else is
 the same for every case: the tokenisation (the model's WordPiece, [CLS] ... [SEP], at most
 128 tokens, which cuts no review: the longest is 78), batches of 32 padded to their longest
 row in an order fixed by the seed, the training loop (``peftkit.train.train``: AdamW, no
 weight decay, linear warm-up over the first 10 % of the steps then cosine decay to 0) and
 the step budget (162 steps, about half an epoch). The learning rate is never tuned on the
-held-out split: peftkit's cases train with peftkit's own method defaults (M9, through the
-optimizer groups peftkit's ``train`` builds from ``PeftModel.parameter_groups``), each PEFT
-case with the same rate as peftkit's same method, so the two implementations get the same
-chance. The LoRA, full fine-tuning and PEFT LoRA cases run with three seeds (model head
+held-out split: peftkit's cases train with peftkit's own defaults (M9: the optimizer groups
+``peftkit.train.default_parameter_groups`` gives, the adapter at its method's rate, for LoRA
+2e-4 x sqrt(4096 / 384) = 6.5e-4 on this 384-wide model, and the head trained in full at
+1e-3), each PEFT case with the same two rates as peftkit's same method, so the two
+implementations get the same chance. The LoRA, full fine-tuning and PEFT LoRA cases run with three seeds (model head
 init, adapter init, dropout and data order), the others with the first seed.
 
 Part 2: generation (``--cases generation``)
@@ -113,7 +116,9 @@ PEFT_COUNTERPART = {
 LORA_CASES = ["peftkit-qv", "peftkit-all-linear"]
 
 QV_TARGETS = ["query", "value"]  # BERT's attention projections
-HEAD = ["classifier"]
+# The classifier head and the pooler that feeds it: peftkit's default modules_to_save for a
+# BERT classifier (targets.CLASSIFIER_INPUTS says why), given to PEFT and to "head" as well.
+HEAD = ["pooler", "classifier"]
 NUM_VIRTUAL_TOKENS = 20
 MAX_LENGTH = 128  # tokens per review; the longest review has 78, so nothing is cut
 WARMUP_RATIO = 0.1
@@ -239,49 +244,65 @@ def peft_config(method: str):
                                lora_dropout=defaults.dropout, modules_to_save=list(HEAD),
                                target_modules=QV_TARGETS if method == "qv" else "all-linear")
     if method == "prefix":
-        return peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+        return peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+                                       modules_to_save=list(HEAD))
     if method == "prompt":
-        return peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+        return peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+                                       modules_to_save=list(HEAD))
     raise ValueError(f"no PEFT case for {method!r}")
 
 
-def method_lr(method: str) -> float:
-    """peftkit's default rate for a method (M9), used by peftkit and by PEFT's same method."""
+def method_lr(method: str, model) -> float:
+    """peftkit's default rate for a method on ``model`` (M9), used by peftkit and by PEFT's
+    same method."""
     from peftkit.train import default_learning_rate
 
-    return default_learning_rate(peftkit_config(method))
+    return default_learning_rate(peftkit_config(method), model)
 
 
 def prepare_classification(case: str, model):
-    """Wrap ``model`` for ``case``; return (model to train, lr for train() or None for
-    peftkit's own groups, a record of the setup)."""
+    """Wrap ``model`` for ``case``; return (model to train, its AdamW parameter groups, a
+    record of the setup)."""
+    from peftkit.train import TRAINED_COPY_LEARNING_RATE, default_learning_rate, default_parameter_groups
+
     library, _, method = case.partition("-")
-    if case == "head":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("classifier."))
-        return model, HEAD_LR, {"lr": HEAD_LR}
-    if case == "full":
-        return model, FULL_LR, {"lr": FULL_LR}
+    if case in ("head", "full"):
+        if case == "head":
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(("classifier.", "bert.pooler.")))
+        lr = HEAD_LR if case == "head" else FULL_LR
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], {"lr": lr}
     if library == "peftkit":
         peftkit = import_peftkit()
-        from peftkit.train import default_learning_rate
-
         config = peftkit_config(method)
         pm = peftkit.attach(model, config)
-        # The groups peftkit's train() builds when given no lr: each active adapter at its
-        # method's default rate.
-        groups = [{"adapter": name, "lr": default_learning_rate(pm.configs[name]),
-                   "params": sum(p.numel() for p in params)} for name, params in pm.parameter_groups()]
-        return pm, None, {"lr": max(g["lr"] for g in groups), "param_groups": groups,
-                          "config": config.to_dict()}
+        # The groups peftkit's train() builds when given no lr: the adapter at its method's
+        # default rate, the modules trained in full at theirs.
+        groups = default_parameter_groups(pm)
+        return pm, groups, {"lr": default_learning_rate(config, pm), "param_groups": describe_groups(groups),
+                            "config": config.to_dict()}
     import peft
 
     config = peft_config(method)
-    lr = method_lr(method)
+    lr = method_lr(method, model)
     setup = {"lr": lr, "config": json.loads(json.dumps(config.to_dict(), default=str))}
     if method == "prefix" and expose_past_key_values(model.bert):
         setup["compat_shim"] = PAST_KEY_VALUES_SHIM
-    return peft.get_peft_model(model, config), lr, setup
+    wrapped = peft.get_peft_model(model, config)
+    # The same two rates as peftkit's: PEFT's adapter at the method's, its modules_to_save
+    # copies at peftkit's rate for modules trained in full.
+    trainable = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if ".modules_to_save." not in n], "lr": lr, "kind": "adapter"},
+              {"params": [p for n, p in trainable if ".modules_to_save." in n], "lr": TRAINED_COPY_LEARNING_RATE,
+               "kind": "modules_to_save"}]
+    groups = [g for g in groups if g["params"]]
+    setup["param_groups"] = describe_groups(groups)
+    return wrapped, groups, setup
+
+
+def describe_groups(groups: list[dict]) -> list[dict]:
+    """An optimizer group list as JSON: kind, rate and parameter count of each."""
+    return [{"kind": g.get("kind"), "lr": g["lr"], "params": sum(p.numel() for p in g["params"])} for g in groups]
 
 
 PAST_KEY_VALUES_SHIM = (
@@ -317,7 +338,8 @@ def save_classification(case: str, model, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     if case == "head":
-        head = {f"classifier.{k}": t.contiguous() for k, t in model.classifier.state_dict().items()}
+        head = {k: t.contiguous() for k, t in model.state_dict().items()
+                if k.startswith(("classifier.", "bert.pooler."))}
         folder.mkdir(parents=True)
         save_file(head, str(folder / "classifier.safetensors"))
     elif case == "full":
@@ -377,12 +399,12 @@ def run_classification(case: str, seed: int, args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, local_files_only=True)
     total_params = sum(p.numel() for p in model.parameters())
     rss_after_load = lora_step.peak_rss_mb()
-    wrapped, lr, setup = prepare_classification(case, model)
+    wrapped, groups, setup = prepare_classification(case, model)
     trainable = count_trainable(wrapped)
 
     torch.manual_seed(seed)  # dropout and adapter randomness from here on
     cumulative: list[float] = []
-    result = train(wrapped, train_batches, steps=args.steps, lr=lr, warmup_ratio=WARMUP_RATIO,
+    result = train(wrapped, train_batches, steps=args.steps, param_groups=groups, warmup_ratio=WARMUP_RATIO,
                    progress=False, on_step=lambda info: cumulative.append(info["seconds"]))
     peak_rss = lora_step.peak_rss_mb()
 
@@ -493,7 +515,7 @@ def run_generation(case: str, args) -> dict:
     cumulative: list[float] = []
     result = train(pm, batches, steps=args.gen_steps, warmup_ratio=WARMUP_RATIO, progress=False,
                    on_step=lambda info: cumulative.append(info["seconds"]))
-    row.update(lr=default_learning_rate(config), config=config.to_dict(),
+    row.update(lr=default_learning_rate(config, pm), config=config.to_dict(),
                trainable_params=count_trainable(pm), peak_rss_mb=lora_step.peak_rss_mb(),
                train_examples=len(dataset), train_s=result.seconds,
                first_loss=result.losses[0], last_loss=result.losses[-1], losses=result.losses,

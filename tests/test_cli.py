@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=600)
@@ -57,3 +59,25 @@ def test_console_script_and_module_entry_points_agree():
     assert by_script.returncode == by_module.returncode == 0
     assert by_script.stdout.replace("peftkit", "") == by_module.stdout.replace("peftkit", "")
     assert "demo" in by_script.stdout
+
+
+def test_init_options_reach_the_prompt_and_the_prefix():
+    """--init/--init-text set how a prompt or a prefix starts (--prompt-init is the old name);
+    a prefix left alone starts from the model's own keys of vocabulary tokens."""
+    from peftkit.cli import _method_config, build_parser
+
+    class Tokenizer:
+        def encode(self, text):
+            return [1, 2, 3]
+
+    def config(*argv):
+        args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", *argv])
+        return _method_config(args, Tokenizer())
+
+    prefix = config("--method", "prefix", "--init", "text", "--init-text", "Review sentiment:")
+    assert (prefix.init, prefix.init_text) == ("text", "Review sentiment:") and prefix.tokenizer is not None
+    assert config("--method", "prefix").init == "vocab"
+    assert config("--method", "prefix", "--projection-dim", "8").init == "random"
+    assert config("--method", "prompt", "--prompt-init", "vocab").init == "vocab"
+    with pytest.raises(ValueError, match="--init-text do\\(es\\) not apply to --method lora"):
+        config("--method", "lora", "--init-text", "x")

@@ -47,30 +47,50 @@ def randomize_everything(pm: peftkit.PeftModel, seed: int = 1) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("build,head", [(tiny_bert_classifier, "classifier"), (tiny_llama_classifier, "score")])
-def test_the_head_of_a_classifier_is_trained_by_default(method, build, head):
+@pytest.mark.parametrize("build,heads", [(tiny_bert_classifier, ["bert.pooler", "classifier"]),
+                                         (tiny_llama_classifier, ["score"])])
+def test_the_head_of_a_classifier_is_trained_by_default(method, build, heads):
+    """The classifier (``classifier``/``score``), and BERT's pooler that feeds it, train in
+    full on copies; the base model keeps its own."""
     model = build()
-    original = model.get_submodule(head).weight.detach().clone()
+    originals = {path: model.get_submodule(path).state_dict() for path in heads}
+    originals = {f"{path}.{k}": v.clone() for path, sd in originals.items() for k, v in sd.items()}
     pm = peftkit.attach(model, METHODS[method]())
-    assert pm.configs["default"].modules_to_save == [head]
-    trained = [n for n in pm.trainable_parameters() if n.startswith(head)]
-    assert trained == [f"{head}.copies.default.weight"] + ([f"{head}.copies.default.bias"] if head == "classifier" else [])
+    assert pm.configs["default"].modules_to_save == heads
+    trained = {n for n in pm.trainable_parameters() if n.startswith(tuple(heads))}
+    expected = {f"{path}.copies.default.{k.removeprefix(path + '.')}" for path in heads
+                for k in originals if k.startswith(path + ".")}
+    assert trained == expected
     optimizer = torch.optim.AdamW(pm.trainable_parameters().values(), lr=1e-2)
     x = ids()
     labels = torch.tensor([0, 1, 1])
     pm(input_ids=x, labels=labels).loss.backward()
     optimizer.step()
-    copy = pm.base_model.get_submodule(head).copies["default"].weight
-    assert not torch.equal(copy, original)  # the copy trained ...
-    torch.testing.assert_close(pm.base_model.get_submodule(head).original.weight, original, rtol=0, atol=0)  # ... the original did not
+    for path in heads:
+        wrapper = pm.base_model.get_submodule(path)
+        for key, weight in wrapper.copies["default"].state_dict().items():
+            assert not torch.equal(weight, originals[f"{path}.{key}"]), f"{path}.{key} did not train"
+        for key, weight in wrapper.original.state_dict().items():  # the originals did not
+            torch.testing.assert_close(weight, originals[f"{path}.{key}"], rtol=0, atol=0)
     with pm.disable_adapter():  # the base model's own head, untouched
         torch.testing.assert_close(pm(input_ids=x).logits, build()(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_lora_on_all_linear_layers_leaves_the_trained_pooler_alone():
+    """all-linear would pick the pooler's dense layer; it trains in full with the head, so
+    LoRA skips it (a LoRA layer inside a full copy would leave its base weight trainable)."""
+    pm = peftkit.attach(tiny_bert_classifier(), LoraConfig(r=4, target_modules="all-linear"))
+    assert pm.configs["default"].modules_to_save == ["bert.pooler", "classifier"]
+    assert not [p for p in pm.target_paths["default"] if p.startswith(("bert.pooler", "classifier"))]
+    assert "bert.encoder.layer.0.attention.self.query" in pm.target_paths["default"]
+    x = ids()
+    pm(input_ids=x, labels=torch.tensor([0, 1, 1])).loss.backward()  # trains: no base weight requires grad
 
 
 def test_no_head_for_a_language_model_and_an_empty_list_means_none():
     assert peftkit.attach(tiny_llama(), LoraConfig(r=4)).trained_copy_paths == {"default": []}
     pm = peftkit.attach(tiny_bert_classifier(), LoraConfig(r=4, modules_to_save=[]))
-    assert not [n for n in pm.trainable_parameters() if "classifier" in n]
+    assert not [n for n in pm.trainable_parameters() if "classifier" in n or "pooler" in n]
 
 
 def test_an_unknown_module_name_is_an_error_that_names_the_heads():
@@ -83,7 +103,7 @@ def test_an_unknown_module_name_is_an_error_that_names_the_heads():
 def test_a_lora_target_cannot_also_be_trained_in_full():
     model = tiny_bert_classifier()
     expected = model(input_ids=ids()).logits
-    with pytest.raises(ValueError, match="'classifier' is in modules_to_save but already carries a LoraLinear"):
+    with pytest.raises(ValueError, match=r"'classifier' names layers inside modules_to_save \['bert.pooler', 'classifier'\].*either adapted or trained in full"):
         peftkit.attach(model, LoraConfig(r=1, target_modules=["query", "classifier"]))
     # The refused attach left the model as it was.
     assert type(model.classifier) is torch.nn.Linear
@@ -97,6 +117,7 @@ def test_merge_and_unload_keeps_the_trained_head_and_unload_gives_the_original()
         expected = pm(input_ids=ids()).logits
         merged = pm.merge_and_unload()
         assert type(merged.classifier) is torch.nn.Linear
+        assert type(merged.bert.pooler).__name__ == "BertPooler"
         torch.testing.assert_close(merged(input_ids=ids()).logits, expected, rtol=1e-5, atol=1e-5)
     pm = peftkit.attach(tiny_bert_classifier(), LoraConfig(r=4))
     randomize_everything(pm)
@@ -114,7 +135,7 @@ def test_save_and_load_round_trip_with_the_head(method, tmp_path):
         expected = pm(input_ids=ids()).logits
     pm.save(tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == ["classifier"]
+    assert config["modules_to_save"] == ["bert.pooler", "classifier"]
     loaded = peftkit.load(tiny_bert_classifier(), tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids()).logits, expected, rtol=0, atol=0)
@@ -172,3 +193,22 @@ def test_hf_peft_classifier_adapter_loads_in_peftkit_with_the_same_logits(method
     with torch.no_grad():
         torch.testing.assert_close(pm(input_ids=x, attention_mask=torch.ones_like(x)).logits, expected,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_head_trains_at_its_own_rate_beside_any_method(method):
+    """train() without lr: the adapter at its method's rate, the modules trained in full at
+    1e-3 in a group of their own (a prompt's 3e-2 would throw the pretrained pooler around)."""
+    from peftkit.train import TRAINED_COPY_LEARNING_RATE, default_learning_rate, train
+
+    pm = peftkit.attach(tiny_bert_classifier(), METHODS[method]())
+    seen = []
+    train(pm, [{"input_ids": ids(), "labels": torch.tensor([0, 1, 1])}], steps=1, progress=False,
+          preflight=lambda model, optimizer, batch: seen.extend(optimizer.param_groups))
+    by_kind = {group["kind"]: group for group in seen}
+    assert set(by_kind) == {"adapter", "modules_to_save"}
+    assert by_kind["adapter"]["initial_lr"] == default_learning_rate(pm.configs["default"], pm)
+    assert by_kind["modules_to_save"]["initial_lr"] == TRAINED_COPY_LEARNING_RATE == 1e-3
+    copies = {id(p) for n, p in pm.trainable_parameters().items() if ".copies.default." in n}
+    assert {id(p) for p in by_kind["modules_to_save"]["params"]} == copies
+    assert not copies & {id(p) for p in by_kind["adapter"]["params"]}

@@ -42,6 +42,39 @@ def test_lora_default_learning_rate_is_peft_scale():
     assert default_learning_rate(peftkit.LoraConfig()) == pytest.approx(2e-4)
 
 
+@pytest.mark.parametrize("hidden,published", [
+    (768, (4e-4, 5e-4)),    # Hu et al. 2021, RoBERTa-base
+    (1024, (3e-4, 4e-4)),   # Hu et al. 2021, RoBERTa-large
+    (4096, (2e-4, 2e-4)),   # Dettmers et al. 2023, QLoRA 7B
+    (8192, (1e-4, 1.5e-4)),  # QLoRA 65B (1e-4)
+])
+def test_lora_default_learning_rate_follows_the_models_width(hidden, published):
+    """Narrow models train LoRA at larger rates than wide ones; the default lands in (or
+    next to) the range published for models of that width."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(hidden_size=hidden)
+    rate = default_learning_rate(peftkit.LoraConfig(), model)
+    low, high = published
+    assert low * 0.9 <= rate <= high * 1.1
+    # Other methods do not depend on the width, and a model without a config keeps 2e-4.
+    assert default_learning_rate(peftkit.PromptConfig(), model) == pytest.approx(3e-2)
+    assert default_learning_rate(peftkit.LoraConfig(), torch.nn.Linear(2, 2)) == pytest.approx(2e-4)
+
+
+def test_train_gives_lora_the_rate_of_the_models_width():
+    """train() without lr asks for the rate through the PeftModel (a GPT-2 config says n_embd)."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
+    pm = peftkit.attach(model, peftkit.LoraConfig(r=2))
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+    result = train(pm, [{"input_ids": ids, "labels": ids}], steps=1, progress=False)
+    assert result.learning_rate == pytest.approx(1e-3)  # 2e-4 * sqrt(4096 / 64) = 1.6e-3, capped
+
+
 def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     pm, batches = make_run()
     train(pm, batches, steps=10, lr=1e-2, progress=False, grad_accum=2,
@@ -96,4 +129,5 @@ def test_each_active_method_trains_at_its_own_default_rate():
     ids = torch.randint(0, 200, (2, 8))
     train(pm, [{"input_ids": ids, "labels": ids}], steps=1, progress=False, preflight=record)
     lora_params = sum(p.numel() for n, p in pm.trainable_parameters().items() if "lora_" in n)
-    assert seen == {2e-4: lora_params, 3e-2: 4 * 64}  # prompt: 4 tokens x hidden 64
+    # LoRA at the rate of its width (hidden 64: the 1e-3 cap), the prompt at 3e-2.
+    assert seen == {1e-3: lora_params, 3e-2: 4 * 64}  # prompt: 4 tokens x hidden 64

@@ -73,8 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _METHOD_OPTIONS = {
     "lora": ("r", "alpha", "dropout", "targets", "rslora"),
     "adapter": ("bottleneck", "placement", "activation", "dropout", "targets"),
-    "prefix": ("virtual_tokens", "projection_dim"),
-    "prompt": ("virtual_tokens", "prompt_init", "prompt_init_text"),
+    "prefix": ("virtual_tokens", "projection_dim", "init", "init_text"),
+    "prompt": ("virtual_tokens", "init", "init_text"),
 }
 
 
@@ -99,11 +99,14 @@ def _method_config(args: argparse.Namespace, tokenizer=None):
     if args.method == "adapter":
         return cfg.AdapterConfig(target_modules=targets, **given)
     if args.method == "prefix":
+        init = given.get("init")  # None: the config's default ("vocab", or "random" with an MLP)
         return cfg.PrefixConfig(num_virtual_tokens=given.get("virtual_tokens", 20),
-                                projection_dim=given.get("projection_dim"))
-    init = given.get("prompt_init", "random")
+                                projection_dim=given.get("projection_dim"), init=init,
+                                init_text=given.get("init_text"),
+                                tokenizer=tokenizer if init == "text" else None)
+    init = given.get("init", "random")
     return cfg.PromptConfig(num_virtual_tokens=given.get("virtual_tokens", 20), init=init,
-                            init_text=given.get("prompt_init_text"),
+                            init_text=given.get("init_text"),
                             tokenizer=tokenizer if init == "text" else None)
 
 
@@ -383,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
     length.add_argument("--epochs", type=float)
-    train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4, ...)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4 at hidden size 4096, "
+                       "scaled by sqrt(4096/hidden) for other widths; prompt 3e-2, prefix 1e-2, adapters 1e-4)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
@@ -408,8 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     virtual = train.add_argument_group("prefix and prompt tuning (--method prefix | prompt)")
     virtual.add_argument("--virtual-tokens", type=int)
     virtual.add_argument("--projection-dim", type=int, help="prefix: MLP reparameterisation width")
-    virtual.add_argument("--prompt-init", choices=["random", "vocab", "text"])
-    virtual.add_argument("--prompt-init-text")
+    virtual.add_argument("--init", "--prompt-init", dest="init", choices=["random", "vocab", "text"],
+                         help="how the virtual tokens start (prompt default: random at the embeddings' scale; "
+                              "prefix default: vocab, the model's own keys and values of vocabulary tokens)")
+    virtual.add_argument("--init-text", "--prompt-init-text", dest="init_text",
+                         help="the text for --init text (encoded with the model's tokenizer)")
     train.set_defaults(func=cmd_train)
 
     check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12")

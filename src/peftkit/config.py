@@ -126,6 +126,15 @@ ACTIVATIONS = ("relu", "gelu", "silu")
 PROMPT_INITS = ("random", "vocab", "text")
 
 
+def _check_token_init(config: PrefixConfig | PromptConfig) -> None:
+    """The init fields prompt and prefix tuning share: init, init_text, tokenizer."""
+    name = type(config).__name__
+    if config.init not in PROMPT_INITS:
+        raise ValueError(f"{name}.init must be one of {PROMPT_INITS}, got {config.init!r}.")
+    if config.init == "text" and (not config.init_text or config.tokenizer is None):
+        raise ValueError(f"{name}(init='text') needs init_text and a tokenizer to encode it.")
+
+
 @dataclass
 class AdapterConfig(_DictMixin):
     """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2022).
@@ -184,12 +193,23 @@ class PrefixConfig(_DictMixin):
         projection_dim: when set, the prefix is produced by an MLP (embedding ->
             projection_dim -> 2 * layers * kv_dim) while training, which Li & Liang found
             more stable; it is folded into plain tensors for saving and inference.
+        init: how the prefix starts. ``"vocab"`` (the default without projection_dim): the
+            keys and values the model itself computes for N tokens drawn from its
+            vocabulary, so the prefix starts as a (random) real-text prefix, at the scale
+            every layer expects (Li & Liang's init from real words; PEFT's N(0, 1) keys
+            are far off the scale of a pretrained model's and wreck its first outputs).
+            ``"text"``: those of ``init_text`` encoded by ``tokenizer`` (repeated or cut to
+            length). ``"random"`` (the default with projection_dim): N(0, 1), as PEFT.
+        init_text, tokenizer: for ``init="text"``; the tokenizer is used once and never saved.
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
     num_virtual_tokens: int = 20
     projection_dim: int | None = None
+    init: str | None = None
+    init_text: str | None = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -199,6 +219,19 @@ class PrefixConfig(_DictMixin):
         _check_positive_int("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.projection_dim is not None:
             _check_positive_int("PrefixConfig", "projection_dim", self.projection_dim)
+        if self.init is None:
+            self.init = "random" if self.projection_dim is not None else "vocab"
+        _check_token_init(self)
+        if self.projection_dim is not None and self.init != "random":
+            raise ValueError(
+                f"PrefixConfig(init={self.init!r}) sets the prefix itself, but with projection_dim an "
+                "MLP produces it; drop projection_dim or use init='random'."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("tokenizer")  # an object, not data: used once at init, never saved
+        return data
 
 
 @dataclass
@@ -227,10 +260,7 @@ class PromptConfig(_DictMixin):
     def __post_init__(self) -> None:
         self._check_modules_to_save()
         _check_positive_int("PromptConfig", "num_virtual_tokens", self.num_virtual_tokens)
-        if self.init not in PROMPT_INITS:
-            raise ValueError(f"PromptConfig.init must be one of {PROMPT_INITS}, got {self.init!r}.")
-        if self.init == "text" and (not self.init_text or self.tokenizer is None):
-            raise ValueError("PromptConfig(init='text') needs init_text and a tokenizer to encode it.")
+        _check_token_init(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -92,6 +92,31 @@ def prefix_cache(key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any
     return DynamicCache(list(key_values))
 
 
+def token_key_values(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values ``model`` computes for the token ids ``ids`` (1, N): one
+    (key, value) per layer, each (1, num_kv_heads, N, head_dim), the cache the tokens leave.
+
+    Runs in eval mode without gradients. A transformers model fills an empty cache handed
+    to it (encoders such as BERT too, the way prefix tuning feeds them); a native-prefix
+    model returns its cache.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if native_prefix(model):
+                return [tuple(kv) for kv in output_cache(model(input_ids=ids, use_cache=True))]
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            model(input_ids=ids, **{cache_argument(model): cache})
+            if hasattr(cache, "layers"):  # transformers >= 4.56
+                return [(layer.keys, layer.values) for layer in cache.layers]
+            return list(zip(cache.key_cache, cache.value_cache))
+    finally:
+        model.train(was_training)
+
+
 def cache_length(cache: Any) -> int:
     """Tokens held by a transformers ``Cache`` or a tuple-of-layers cache."""
     if hasattr(cache, "get_seq_length"):

@@ -353,8 +353,9 @@ def _prompt_config_from_peft(data: dict[str, Any], path: Path) -> PromptConfig:
 
 
 def _prefix_config_from_peft(data: dict[str, Any], path: Path) -> PrefixConfig:
+    # The saved prefix replaces any init, so none is computed (a "vocab" init runs the model).
     try:
-        return PrefixConfig(**_prompt_learning_kwargs(data, path, _PREFIX_INFORMATIONAL))
+        return PrefixConfig(**_prompt_learning_kwargs(data, path, _PREFIX_INFORMATIONAL), init="random")
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{path}: {e}") from e
 

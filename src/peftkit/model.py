@@ -24,7 +24,7 @@ from .methods.adapter import AdapterWrapper
 from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
 from .methods.prefix import PrefixEncoder
-from .methods.prompt import PromptEncoder, initial_prompt
+from .methods.prompt import PromptEncoder, init_token_ids, initial_prompt
 from .methods.trained_copy import TrainedCopy
 
 INPUT_CONFIGS = (PromptConfig, PrefixConfig)
@@ -104,7 +104,8 @@ class PeftModel(nn.Module):
 
     def _add_lora(self, config: LoraConfig, name: str) -> list[str]:
         """Wrap every targeted layer (or add to its existing LoRA wrapper); return their paths."""
-        chosen = targets.find_targets(self.base_model, config.target_modules)
+        trained_in_full = targets.trained_copy_paths(self.base_model, config.modules_to_save)
+        chosen = targets.find_targets(self.base_model, config.target_modules, trained_in_full)
         targets.check_rank(chosen, config.r)
         for target in chosen:
             self._lora_layer_at(target).add_adapter(
@@ -162,7 +163,11 @@ class PeftModel(nn.Module):
         if "prefix" not in self.input_adapters:
             self.input_adapters["prefix"] = PrefixEncoder(*integrations.attention_geometry(model))
         device = next(model.parameters()).device
-        self.input_adapters["prefix"].add_adapter(name, config.num_virtual_tokens, config.projection_dim, device)
+        ids = init_token_ids(config, model.get_input_embeddings().num_embeddings)
+        # Li & Liang's init from real words: the keys and values the model gives those tokens.
+        initial = None if ids is None else integrations.token_key_values(model, ids.to(device)[None])
+        self.input_adapters["prefix"].add_adapter(name, config.num_virtual_tokens, config.projection_dim,
+                                                  device, initial)
         return []
 
     @staticmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -123,9 +124,15 @@ def _candidate_hint(candidates: dict[str, Target]) -> str:
     return f"module names that LoRA can target in this model: {leaves}"
 
 
-def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
-    """Resolve ``spec`` against ``model``; raise ValueError naming anything that matches nothing."""
-    candidates = wrappable_modules(model)
+def find_targets(model: nn.Module, spec: TargetSpec, trained_in_full: Sequence[str] = ()) -> list[Target]:
+    """Resolve ``spec`` against ``model``; raise ValueError naming anything that matches nothing.
+
+    Layers inside ``trained_in_full`` (the adapter's ``modules_to_save``) are never chosen:
+    they train in full already, so LoRA beside them would only add a second update path.
+    """
+    wrappable = wrappable_modules(model)
+    candidates = {p: t for p, t in wrappable.items()
+                  if not any(p == q or p.startswith(q + ".") for q in trained_in_full)}
     linear_like = {p: t for p, t in candidates.items() if t.kind != "embedding"}
     arch = integrations.model_type(model) or type(model).__name__
 
@@ -165,6 +172,12 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
     chosen_paths: set[str] = set()
     for name in spec:
         hits = [t for p, t in candidates.items() if _matches(p, name)]
+        if not hits and any(_matches(p, name) for p in wrappable):
+            raise ValueError(
+                f"target_modules entry {name!r} names layers inside modules_to_save {list(trained_in_full)}, "
+                "which train in full; a module is either adapted or trained in full. Drop it from "
+                "target_modules, or pass modules_to_save without it."
+            )
         if not hits:
             unwrappable = [type(m).__name__ for p, m in model.named_modules() if _matches(p, name)]
             why = (f"it names modules of type {sorted(set(unwrappable))}, which LoRA cannot wrap"
@@ -179,21 +192,29 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> list[Target]:
 
 # The heads Hugging Face PEFT trains in full for every sequence-classification model.
 CLASSIFIER_HEADS = ("classifier", "score")
+# The layer between the encoder and those heads that nothing but the head reads (BERT's
+# and ALBERT's pooler, DistilBERT's pre_classifier). RoBERTa's and ELECTRA's heads hold
+# that dense layer inside "classifier"; for BERT-style models it is trained with the head
+# too, because a fresh classifier learns little through a frozen layer that pretraining
+# left near its init (all-MiniLM-L6-v2's pooler weights have std 0.009, and a MiniLM
+# classifier behind it stays at the majority class in bench/quality.py).
+CLASSIFIER_INPUTS = ("pooler", "pre_classifier")
 
 
 def trained_copy_paths(model: nn.Module, names: list[str] | None) -> list[str]:
     """Paths of the modules to train in full (``modules_to_save``), in model order.
 
-    None picks the classification head (``classifier`` or ``score``) of a
-    sequence-classification model, and nothing for any other model. A listed name matches a
-    module by its path or a dotted suffix of it; one that matches nothing is an error,
-    except a classifier-head name when the other one is found (PEFT lists both by default).
+    None picks the classification head of a sequence-classification model (``classifier``
+    or ``score``, with the ``pooler`` or ``pre_classifier`` layer that feeds it where the
+    model has one), and nothing for any other model. A listed name matches a module by its
+    path or a dotted suffix of it; one that matches nothing is an error, except a
+    classifier-head name when the other one is found (PEFT lists both by default).
     """
     if names is None:
         if not integrations.is_sequence_classifier(model):
             return []
-        names = list(CLASSIFIER_HEADS)
-        lenient = set(CLASSIFIER_HEADS)
+        names = [*CLASSIFIER_INPUTS, *CLASSIFIER_HEADS]
+        lenient = set(names)
     else:
         lenient = set(CLASSIFIER_HEADS) if set(CLASSIFIER_HEADS) <= set(names) else set()
     modules = _top_level_modules(model)

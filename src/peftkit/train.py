@@ -19,12 +19,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import integrations
 from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
+from .methods.trained_copy import TrainedCopy
 from .model import PeftModel
 
-# LoRA: Hu et al. (2021) fine-tune GPT-2 with 2e-4; QLoRA (Dettmers et al. 2023) uses
-# 1e-4 to 2e-4 for 7B-65B models; Hugging Face PEFT's examples use 1e-4 to 3e-4. A full
-# fine-tuning rate (1e-5 to 5e-5) leaves a zero-initialised B almost where it started.
+# LoRA: Hu et al. (2021) fine-tune RoBERTa-base (hidden 768) with 4e-4 to 5e-4,
+# RoBERTa-large (1024) with 3e-4 to 4e-4 and GPT-2 with 2e-4; QLoRA (Dettmers et al. 2023)
+# uses 2e-4 for 7B and 13B models (4096, 5120) and 1e-4 for 33B and 65B (6656, 8192);
+# Hugging Face PEFT's examples use 1e-4 to 3e-4. The rate falls with the model's width, so
+# the default is 2e-4 at hidden size 4096 scaled by sqrt(4096 / hidden) (768 -> 4.6e-4,
+# 1024 -> 4e-4, 8192 -> 1.4e-4), kept within 1e-4 to 1e-3. A full fine-tuning rate (1e-5 to
+# 5e-5) leaves a zero-initialised B almost where it started.
 # Bottleneck adapters: Pfeiffer et al. (2021, AdapterFusion) and AdapterHub train them
 # with 1e-4, Houlsby et al. (2019) pick from 3e-5 to 3e-3; a zero-initialised up-projection,
 # like LoRA's B, barely moves at a full fine-tuning rate.
@@ -37,9 +43,53 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
 }
 
 
-def default_learning_rate(config: PeftConfig) -> float:
-    """The learning rate a method trains well with when the user gives none (M9)."""
-    return DEFAULT_LEARNING_RATES[config.peft_type]
+LORA_REFERENCE_WIDTH = 4096  # the hidden size at which LoRA's default is 2e-4
+LORA_RATE_RANGE = (1e-4, 1e-3)
+
+
+def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = None) -> float:
+    """The learning rate a method trains well with when the user gives none (M9).
+
+    LoRA's depends on the width of ``model`` (its config's hidden size d):
+    2e-4 · sqrt(4096 / d), clamped to [1e-4, 1e-3]; 2e-4 when the width is unknown.
+    """
+    rate = DEFAULT_LEARNING_RATES[config.peft_type]
+    if config.peft_type != LoraConfig.peft_type or model is None:
+        return rate
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    width = integrations.config_value(model, "hidden_size", "n_embd", "d_model")
+    if not width:
+        return rate
+    low, high = LORA_RATE_RANGE
+    return min(max(rate * math.sqrt(LORA_REFERENCE_WIDTH / width), low), high)
+
+
+# Modules trained in full beside an adapter (modules_to_save: a fresh classifier, BERT's
+# pooler) get a rate of their own, 1e-3, the usual rate of a linear probe. The adapter's rate
+# is wrong for them both ways: a prompt's 3e-2 throws a pretrained layer around (a tanh
+# pooler saturates), and a bottleneck adapter's 1e-4 barely moves a fresh head in a short run.
+TRAINED_COPY_LEARNING_RATE = 1e-3
+
+
+def default_parameter_groups(model: PeftModel) -> list[dict]:
+    """The AdamW groups ``train`` builds when given no lr (M9): per active adapter, its own
+    parameters at its method's default rate (``kind="adapter"``) and the modules it trains in
+    full (``kind="modules_to_save"``) at 1e-3. Each group also names its ``adapter``; use
+    them in your own loop as ``torch.optim.AdamW(default_parameter_groups(pm))``."""
+    in_full = {id(p) for module in model.modules() if isinstance(module, TrainedCopy)
+               for _, p in module.adapter_parameters()}
+    groups = []
+    for name, params in model.parameter_groups():
+        own = [p for p in params if id(p) not in in_full]
+        copies = [p for p in params if id(p) in in_full]
+        if own:
+            groups.append({"params": own, "lr": default_learning_rate(model.configs[name], model),
+                           "adapter": name, "kind": "adapter"})
+        if copies:
+            groups.append({"params": copies, "lr": TRAINED_COPY_LEARNING_RATE, "adapter": name,
+                           "kind": "modules_to_save"})
+    return groups
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -134,7 +184,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
           progress: bool = True, desc: str = "train", checkpoint_dir: str | Path | None = None,
           checkpoint_every: int = 0, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
-          preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None) -> TrainResult:
+          preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
+          param_groups: list[dict] | None = None) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
 
@@ -142,20 +193,24 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     ``resume=True`` continues from the newest one, so a killed run ends with the same adapter
     as an uninterrupted one. ``on_step`` receives {step, loss, lr, tokens, seconds}.
     ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
-    may raise to stop the run.
+    may raise to stop the run. ``param_groups`` (AdamW groups, each with its ``lr``) replaces
+    the groups ``lr`` or the defaults would give.
     """
-    if lr is not None:
+    if param_groups is not None:
+        groups = param_groups
+    elif lr is not None:
         groups = [{"params": list(trainable_parameters(model).values()), "lr": lr}]
     elif isinstance(model, PeftModel):
         # Each active adapter at its method's rate: LoRA + prompt trains LoRA at 2e-4 and the
         # prompt at 3e-2, where one shared rate would starve one of them (M9).
-        groups = [{"params": params, "lr": default_learning_rate(model.configs[name])}
-                  for name, params in model.parameter_groups()]
+        groups = default_parameter_groups(model)
     else:
         raise ValueError("full fine-tuning needs an explicit learning rate.")
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
-    result = TrainResult(learning_rate=max(g["lr"] for g in groups))
+    # The rate reported is the adapters' (a head trained in full beside them has its own).
+    adapter_groups = [g for g in groups if g.get("kind") != "modules_to_save"] or groups
+    result = TrainResult(learning_rate=max(g["lr"] for g in adapter_groups))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):

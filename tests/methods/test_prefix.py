@@ -98,6 +98,59 @@ def test_one_prefix_active_at_a_time_in_the_encoder():
     assert encoder.adapter_names == ["a"] and not encoder.mlp and not encoder.embedding
 
 
+# -- init ------------------------------------------------------------------------------------
+class FixedTokenizer:
+    """Encodes any text to the same ids (the init only calls encode)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prefix_from_text_starts_as_that_text_read_first(arch):
+    """init="text": the prefix is the keys and values the model computes for the text, so
+    the model starts as if the text came before every input (Li & Liang's init from real
+    words), checked against running the text and the input as one sequence."""
+    text_ids = [5, 17, 42, 9]
+    pm = prefixed(arch, init="text", init_text="any", tokenizer=FixedTokenizer(text_ids))
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    whole = torch.cat([torch.tensor(text_ids).expand(2, -1), ids], dim=1)
+    with torch.no_grad():
+        expected = pm.base_model(input_ids=whole).logits[:, N:]
+        torch.testing.assert_close(pm(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "reference"])
+def test_the_default_prefix_is_the_models_own_keys_of_vocabulary_tokens(arch):
+    """init="vocab" (the default): the keys and values the model computes for N drawn
+    vocabulary tokens, at the scale of its own (PEFT's N(0, 1) is not); an encoder (BERT)
+    and the native-prefix reference model alike. With projection_dim the default is N(0, 1)."""
+    model = BUILDERS[arch](0)
+    torch.manual_seed(0)
+    pm = peftkit.attach(model, peftkit.PrefixConfig(num_virtual_tokens=N))
+    assert pm.configs["default"].init == "vocab"
+    torch.manual_seed(0)
+    drawn = torch.randint(0, model.get_input_embeddings().num_embeddings, (N,))  # the ids the init drew
+    expected = peftkit.integrations.token_key_values(model, drawn[None])
+    encoder = pm.input_adapters["prefix"]
+    for (key, value), (want_key, want_value) in zip(encoder("default", 1, torch.float32), expected):
+        torch.testing.assert_close(key, want_key, rtol=0, atol=0)
+        torch.testing.assert_close(value, want_value, rtol=0, atol=0)
+    assert peftkit.PrefixConfig(projection_dim=8).init == "random"
+
+
+def test_bad_prefix_inits_are_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        peftkit.PrefixConfig(init="zeros")
+    with pytest.raises(ValueError, match="needs init_text and a tokenizer"):
+        peftkit.PrefixConfig(init="text", init_text="hello")
+    with pytest.raises(ValueError, match="drop projection_dim or use init='random'"):
+        peftkit.PrefixConfig(init="vocab", projection_dim=8)
+
+
 # -- forward -------------------------------------------------------------------------------
 @pytest.mark.parametrize("projection_dim", [None, 8])
 @pytest.mark.parametrize("arch", ARCHS)

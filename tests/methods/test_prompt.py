@@ -16,6 +16,7 @@ from virtual_tokens import (
 )
 
 import peftkit
+from peftkit.train import default_parameter_groups
 from peftkit.methods.prompt import PromptEncoder, initial_prompt, text_token_ids
 
 pytest.importorskip("transformers")
@@ -233,9 +234,10 @@ def test_bert_classification_with_a_prompt():
     labels = torch.tensor([0, 1, 1, 0])
     out = pm(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits.shape == (4, 2)
-    # The prompt and (by default) a trained copy of the head, at the prompt's default rate.
-    assert {n.split(".")[0] for n in pm.trainable_parameters()} == {"input_adapters", "classifier"}
-    optimizer = torch.optim.AdamW(pm.trainable_parameters().values(), lr=3e-2)
+    # The prompt and (by default) trained copies of the head and its pooler.
+    assert {n.split(".copies")[0] for n in pm.trainable_parameters() if ".copies." in n} == {"bert.pooler", "classifier"}
+    assert {n.split(".")[0] for n in pm.trainable_parameters()} == {"input_adapters", "bert", "classifier"}
+    optimizer = torch.optim.AdamW(default_parameter_groups(pm))  # the prompt at 3e-2, the head at 1e-3
     first = out.loss.item()
     for _ in range(15):
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss

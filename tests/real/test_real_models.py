@@ -26,7 +26,7 @@ def train_steps(pm, batch: dict, steps: int) -> list[float]:
     """``steps`` AdamW steps on one batch at the method's default rate, dropout off (so the
     loss may only go down because the adapter learned); returns the losses."""
     optimizer = torch.optim.AdamW([p for _, ps in pm.parameter_groups() for p in ps],
-                                  lr=default_learning_rate(pm.configs[pm.active_adapter]))
+                                  lr=default_learning_rate(pm.configs[pm.active_adapter], pm))
     losses = []
     for _ in range(steps):
         loss = pm(**batch).loss
@@ -79,7 +79,8 @@ def test_minilm_lora_end_to_end(minilm, review_batch, tmp_path):
     base = logits(minilm.model, review_batch)
     pm = peftkit.attach(fresh(), LoraConfig())
     assert sorted({p.split(".")[-1] for p in pm.target_paths["default"]}) == ["query", "value"]
-    assert pm.trained_copy_paths["default"] == ["classifier"]  # the new head trains in full
+    # The new head, and the pooler that feeds it, train in full.
+    assert pm.trained_copy_paths["default"] == ["bert.pooler", "classifier"]
     torch.testing.assert_close(logits(pm, review_batch), base, rtol=0, atol=0)  # identity at init
 
     losses = train_steps(pm, review_batch, steps=8)

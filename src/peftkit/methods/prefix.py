@@ -57,10 +57,16 @@ class PrefixEncoder(AdapterModule):
         return self.num_layers * 2 * self.kv_dim
 
     def add_adapter(self, name: str, num_virtual_tokens: int, projection_dim: int | None = None,
-                    device: torch.device | None = None) -> None:
-        """Create adapter ``name``. As in PEFT, the prefix (or E) starts N(0, 1) and the MLP's
-        layers get nn.Linear's default init. Stored in float32, cast to the model's dtype
-        when used."""
+                    device: torch.device | None = None, initial: KeyValues | None = None) -> None:
+        """Create adapter ``name``, starting from the per-layer keys and values ``initial``
+        (each (1, num_kv_heads, N, head_dim)) when given. Otherwise, as in PEFT, the prefix
+        (or E) starts N(0, 1) and the MLP's layers get nn.Linear's default init. Stored in
+        float32, cast to the model's dtype when used."""
+        if initial is not None:
+            if projection_dim is not None:
+                raise ValueError("a prefix produced by an MLP (projection_dim) cannot start from given keys and values.")
+            self.prefix[name] = nn.Parameter(self.flatten(initial).float().to(device))
+            return
         if projection_dim is None:
             self.prefix[name] = nn.Parameter(torch.randn(num_virtual_tokens, self.width, device=device))
             return
@@ -90,6 +96,17 @@ class PrefixEncoder(AdapterModule):
         stacked = flat.view(n, self.num_layers * 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         stacked = stacked.unsqueeze(1).expand(-1, batch, -1, -1, -1)
         return tuple((stacked[2 * layer], stacked[2 * layer + 1]) for layer in range(self.num_layers))
+
+    def flatten(self, key_values: KeyValues) -> torch.Tensor:
+        """The inverse of ``forward`` for one row: per-layer (key, value), each
+        (1, num_kv_heads, N, head_dim), to PEFT's layout (N, num_layers * 2 * kv_dim)."""
+        expected = (1, self.num_kv_heads, self.head_dim)
+        if len(key_values) != self.num_layers or any(
+                (t.shape[0], t.shape[1], t.shape[3]) != expected for kv in key_values for t in kv):
+            raise ValueError(f"expected {self.num_layers} layers of keys and values shaped "
+                             f"(1, {self.num_kv_heads}, N, {self.head_dim}).")
+        stacked = torch.stack([t[0] for kv in key_values for t in kv])  # (L * 2, H, N, D)
+        return stacked.permute(2, 0, 1, 3).reshape(stacked.shape[2], -1)
 
     def fold(self, name: str) -> None:
         """Replace adapter ``name``'s MLP by the prefix it produces (for inference, or to

@@ -87,30 +87,43 @@ def text_token_ids(token_ids: list[int], num_virtual_tokens: int) -> torch.Tenso
     return torch.tensor((token_ids * repeats)[:num_virtual_tokens], dtype=torch.long)
 
 
+def init_token_ids(config, vocab_size: int) -> torch.Tensor | None:
+    """The N token ids a ``"vocab"`` or ``"text"`` init starts from (None for ``"random"``).
+
+    ``"vocab"`` draws N ids uniformly from the vocabulary, ``"text"`` encodes
+    ``config.init_text`` with ``config.tokenizer.encode`` (repeated or cut to N), both as
+    PEFT does for prompts. ``config`` is a PromptConfig or PrefixConfig.
+    """
+    n = config.num_virtual_tokens
+    if config.init == "text":
+        ids = text_token_ids(list(config.tokenizer.encode(config.init_text)), n)
+        if int(ids.max()) >= vocab_size:
+            raise ValueError(
+                f"the tokenizer gives id {int(ids.max())} for init_text, but the model's vocabulary "
+                f"has {vocab_size} entries; use the model's own tokenizer."
+            )
+        return ids
+    if config.init == "vocab":
+        return torch.randint(0, vocab_size, (n,))
+    return None
+
+
 def initial_prompt(config: PromptConfig, embed: nn.Module) -> torch.Tensor:
     """The starting prompt (N, token_dim) for ``config``.
 
     ``embed`` is the model's input-embedding module (callable on ids, with
-    ``num_embeddings``). ``"vocab"`` takes the embeddings of N tokens drawn uniformly
-    from the vocabulary and ``"text"`` those of ``config.init_text`` (encoded with
-    ``config.tokenizer.encode``), both as PEFT does. ``"random"`` draws from a normal
-    distribution with the spread of the model's own token embeddings, so the prompt
-    starts at the scale the first layer expects (PEFT's N(0, 1) can be tens of times
-    larger than real embeddings, e.g. GPT-2's).
+    ``num_embeddings``). ``"vocab"`` and ``"text"`` take the embeddings of the ids
+    ``init_token_ids`` gives. ``"random"`` draws from a normal distribution with the
+    spread of the model's own token embeddings, so the prompt starts at the scale the
+    first layer expects (PEFT's N(0, 1) can be tens of times larger than real
+    embeddings, e.g. GPT-2's).
     """
     vocab_size = embed.num_embeddings
     device = next(embed.parameters()).device
     n = config.num_virtual_tokens
     with torch.no_grad():
-        if config.init == "text":
-            ids = text_token_ids(list(config.tokenizer.encode(config.init_text)), n)
-            if int(ids.max()) >= vocab_size:
-                raise ValueError(
-                    f"the tokenizer gives id {int(ids.max())} for init_text, but the model's vocabulary "
-                    f"has {vocab_size} entries; use the model's own tokenizer."
-                )
+        ids = init_token_ids(config, vocab_size)
+        if ids is not None:
             return embed(ids.to(device)).float()
-        if config.init == "vocab":
-            return embed(torch.randint(0, vocab_size, (n,), device=device)).float()
         sample = embed(torch.randint(0, vocab_size, (min(vocab_size, _SCALE_SAMPLE),), device=device)).float()
         return torch.randn(n, sample.shape[1], device=device) * sample.std()
