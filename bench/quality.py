@@ -30,8 +30,9 @@ held-out split: peftkit's cases train with peftkit's own defaults (M9: the optim
 ``peftkit.train.default_parameter_groups`` gives, the adapter at its method's rate, for LoRA
 2e-4 x sqrt(4096 / 384) = 6.5e-4 on this 384-wide model, and the head trained in full at
 1e-3), each PEFT case with the same two rates as peftkit's same method, so the two
-implementations get the same chance. The LoRA, full fine-tuning and PEFT LoRA cases run with three seeds (model head
-init, adapter init, dropout and data order), the others with the first seed.
+implementations get the same chance. Every case that is compared with another (full fine-tuning, LoRA, prefix and prompt,
+both libraries) runs with three seeds (model head init, adapter init, dropout and data
+order); head only and the bottleneck adapters, which PEFT lacks, with the first seed.
 
 Part 2: generation (``--cases generation``)
 -------------------------------------------
@@ -58,6 +59,7 @@ the head's safetensors for head only), counted as its .safetensors and .json fil
 that fails (an exception, a crash, a timeout) becomes an error row; the others still run.
 
 Usage:  python bench/quality.py                      # both parts, all cases
+        python bench/quality.py --reuse bench/results/quality.json   # only the runs it lacks
         python bench/quality.py --cases classification --seeds 42,43,44
         python bench/quality.py --cases peftkit-qv,peft-qv --steps 3 --eval-limit 64 --out /tmp/q
 Writes: OUT/quality.json and OUT/quality.md (OUT defaults to bench/results). A run of one part
@@ -105,7 +107,10 @@ CASE_GROUPS = {
     "generation": GENERATION_CASES,
 }
 # Cases run with every seed of --seeds; the others with the first seed only.
-MULTI_SEED_CASES = {"full", "peftkit-qv", "peftkit-all-linear", "peft-qv", "peft-all-linear"}
+# Every case that is compared with another runs with each seed: single-seed gaps between
+# two methods were as large as the spread over seeds.
+MULTI_SEED_CASES = {"full", "peftkit-qv", "peftkit-all-linear", "peft-qv", "peft-all-linear",
+                    "peftkit-prefix", "peft-prefix", "peftkit-prompt", "peft-prompt"}
 
 PEFT_COUNTERPART = {
     "peftkit-qv": "peft-qv",
@@ -766,7 +771,7 @@ def classification_markdown(section: dict, machine: dict) -> list[str]:
         x_peft = lambda key: "n/a" if peer is None else lora_step.fmt(row[key], ".2f")  # noqa: E731
         head = "" if row.get("head_saved", True) else " (no head)"
         lines.append(
-            f"| {row['case']} | {row['lr']:g} | {pct(row['accuracy'])} | {pct(row['macro_f1'])} "
+            f"| {row['case']} | {row['lr']:.2g} | {pct(row['accuracy'])} | {pct(row['macro_f1'])} "
             f"| {row['trainable_params']:,.0f} | {row['s_per_step']:.3f} | {x_peft('step_ratio_to_peft')} "
             f"| {lora_step.fmt(row['step_ratio_to_full'], '.2f')} | {row['peak_rss_mb']:.0f} "
             f"| {x_peft('rss_ratio_to_peft')} | {lora_step.fmt(row['rss_ratio_to_full'], '.2f')} "
@@ -800,7 +805,7 @@ def classification_markdown(section: dict, machine: dict) -> list[str]:
     lines += [
         "",
         "Peer figures from the issue (measured on this machine earlier: batch 32, 2 threads, 162 "
-        "steps, seeds 42 and 43; PEFT LoRA there at lr 5e-4, here at peftkit's 2e-4):",
+        "steps, seeds 42 and 43; PEFT LoRA there at lr 5e-4, here at peftkit's default for this width, 6.5e-4):",
         "",
         "| peer case | accuracy % | s/step | peak RSS |",
         "|---|---:|---:|---:|",
@@ -834,7 +839,7 @@ def generation_markdown(section: dict, machine: dict) -> list[str]:
             lines.append(f"| {row['case']} | error: {message} | | | | | | | | | |")
             continue
         trained = "lr" in row  # gen-base trains nothing
-        lr = f"{row['lr']:g}" if trained else "–"
+        lr = f"{row['lr']:.2g}" if trained else "–"
         losses = f"{row['first_loss']:.2f} → {row['last_loss']:.2f}" if trained else "–"
         samples = ", ".join(repr(a) for a in row["sample_answers"][:4]).replace("|", "/")
         lines.append(
@@ -911,6 +916,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="folder for quality.json and quality.md (default bench/results)")
+    p.add_argument("--reuse", type=Path, metavar="JSON",
+                   help="an earlier quality.json: its successful runs of the same setup are kept, "
+                        "and only the (case, seed) runs it lacks are run")
     p.add_argument("--worker", metavar="CASE", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -951,6 +959,28 @@ def describe(row: dict) -> str:
     return text + f", peak RSS {row['peak_rss_mb']:.0f} MB"
 
 
+def reusable_runs(path: Path, args) -> tuple[list[dict], list[dict]]:
+    """The successful classification and generation runs of an earlier report, if it was
+    made with the same steps, batch sizes and limits (else an error: they would not compare)."""
+    report = json.loads(path.read_text())
+    kept: list[list[dict]] = []
+    for part, keys in (("classification", ("steps", "batch_size", "eval_limit")),
+                       ("generation", ("steps", "batch_size", "eval_limit", "max_new_tokens"))):
+        section = report.get(part)
+        if not section:
+            kept.append([])
+            continue
+        ours = {"steps": args.steps, "batch_size": args.batch_size, "eval_limit": args.eval_limit}
+        if part == "generation":
+            ours = {"steps": args.gen_steps, "batch_size": args.gen_batch_size,
+                    "eval_limit": args.gen_eval_limit, "max_new_tokens": args.gen_max_new_tokens}
+        theirs = {k: section["setup"].get(k) for k in keys}
+        if theirs != ours:
+            raise SystemExit(f"--reuse {path}: its {part} setup {theirs} differs from this run's {ours}.")
+        kept.append([r for r in section.get("runs", section.get("results", [])) if "error" not in r])
+    return kept[0], kept[1]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -960,6 +990,14 @@ def main(argv=None) -> int:
     gen_runs: list[dict] = []
     runs = plan([c for c in args.cases if c in CLASSIFICATION_CASES], args.seeds)
     runs += [(c, args.seeds[0]) for c in args.cases if c in GENERATION_CASES]
+    if args.reuse:
+        kept_class, kept_gen = reusable_runs(args.reuse, args)
+        class_runs += [r for r in kept_class if (r["case"], r["seed"]) in runs]
+        gen_runs += [r for r in kept_gen if (r["case"], r["seed"]) in runs]
+        done = {(r["case"], r["seed"]) for r in class_runs + gen_runs}
+        print(f"[quality] reusing {len(done)} runs from {args.reuse}")
+        runs = [r for r in runs if r not in done]
+    md = write_report(args, class_runs, gen_runs)  # with --reuse and nothing left to run: the report anew
     for number, (case, seed) in enumerate(runs, start=1):
         print(f"[quality {number}/{len(runs)}] {case} seed {seed} ...", end=" ", flush=True)
         load = os.getloadavg()[0]
