@@ -249,6 +249,9 @@ def _load_gguf(path: Path, task: str, num_labels: int | None) -> LoadedModel:
     except (ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: transformers could not build a {task} model from this GGUF ({e}).") from e
     _forget_gguf_quantization(model)
+    # The file, not its folder: an adapter trained on it records the file, and loads back on
+    # it (merge, generate) without a "trained on another base model" warning.
+    model.config.name_or_path = str(path)
     return LoadedModel(model.eval(), tokenizer, str(path), task)
 
 

@@ -210,7 +210,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
     # The rate reported is the adapters' (a head trained in full beside them has its own).
     adapter_groups = [g for g in groups if g.get("kind") != "modules_to_save"] or groups
-    result = TrainResult(learning_rate=max(g["lr"] for g in adapter_groups))
+    # initial_lr: the scheduler has already scaled "lr" by the first warm-up factor.
+    result = TrainResult(learning_rate=max(g.get("initial_lr", g["lr"]) for g in adapter_groups))
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
@@ -248,13 +249,15 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], progress: bool = False,
+             desc: str = "eval") -> dict[str, float]:
     """Held-out loss and accuracy: per predicted token for a causal LM (labels (B, T), the
-    model predicting position t+1 from t), per example for classification (labels (B,))."""
+    model predicting position t+1 from t), per example for classification (labels (B,)).
+    ``progress`` shows a bar (a held-out file of thousands of rows takes minutes on a CPU)."""
     loss_sum, loss_count, correct, total = 0.0, 0, 0, 0
     was_training = model.training
     model.eval()
-    for batch in batches:
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         labels = batch["labels"]
         out = model(**batch)
         if labels.dim() == 1:
@@ -407,7 +410,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
 
     pm = attach(loaded.model, config)
     trainable, total = pm.parameter_counts()
-    eval_before = evaluate(pm, eval_batches) if eval_batches else {}
+    eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
     checkpoints = out_dir / "checkpoints"
     resumed_from = 0
     if resume and _checkpoint_paths(checkpoints):
@@ -423,7 +426,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
                        grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                        checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
                        resume=resume, on_step=write_log, preflight=preflight)
-    eval_after = evaluate(pm, eval_batches) if eval_batches else {}
+    eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
     adapter_dir = pm.save(out_dir / "adapter")
     return RunSummary(
         method=config.peft_type, trainable_params=trainable, total_params=total,

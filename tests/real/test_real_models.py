@@ -104,8 +104,10 @@ def completion_batch(smollm2, reviews):
     return collate(dataset.examples, smollm2.pad_id)
 
 
-def test_smollm2_loads_from_its_gguf_file(smollm2):
+def test_smollm2_loads_from_its_gguf_file(smollm2, smollm2_gguf):
     model = smollm2.model
+    # Named by its file, as an adapter trained on it records it (no "other base model" warning).
+    assert model.config.name_or_path == str(smollm2_gguf)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
     assert model.config.num_hidden_layers == 30
