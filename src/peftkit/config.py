@@ -29,8 +29,9 @@ class _DictMixin:
 
     Every method config also has ``modules_to_save``: modules trained in full and saved with
     the adapter (Hugging Face PEFT's name). None picks the classification head
-    (``classifier`` or ``score``) of a sequence-classification model and nothing otherwise;
-    ``[]`` trains no module in full.
+    (``classifier`` or ``score``, with BERT's ``pooler`` or DistilBERT's ``pre_classifier``
+    that feeds it) of a sequence-classification model and nothing otherwise; ``[]`` trains
+    no module in full.
     """
 
     peft_type: ClassVar[str]

@@ -28,6 +28,7 @@ from .methods.prompt import PromptEncoder, init_token_ids, initial_prompt
 from .methods.trained_copy import TrainedCopy
 
 INPUT_CONFIGS = (PromptConfig, PrefixConfig)
+ATTACHABLE_CONFIGS = (LoraConfig, AdapterConfig, PromptConfig, PrefixConfig)
 """Methods that put virtual tokens in front of the input instead of changing layers."""
 
 
@@ -72,12 +73,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"an adapter named {name!r} already exists; pick another name.")
         if self._lora_layers_merged():
             raise RuntimeError("adapters are merged into the weights; unmerge() before adding another.")
-        attachers = {LoraConfig: self._add_lora, AdapterConfig: self._add_bottleneck,
-                     PromptConfig: self._add_prompt, PrefixConfig: self._add_prefix}
-        if type(config) not in attachers:
+        if type(config) not in ATTACHABLE_CONFIGS:
             raise TypeError(f"unsupported config type {type(config).__name__}; "
-                            f"peftkit attaches {[c.__name__ for c in attachers]}.")
+                            f"peftkit attaches {[c.__name__ for c in ATTACHABLE_CONFIGS]}.")
         copies = targets.trained_copy_paths(self.base_model, config.modules_to_save)
+        # LoRA needs the copies too: it leaves the layers inside them alone.
+        attachers = {LoraConfig: lambda c, n: self._add_lora(c, n, copies), AdapterConfig: self._add_bottleneck,
+                     PromptConfig: self._add_prompt, PrefixConfig: self._add_prefix}
         self.target_paths[name] = attachers[type(config)](config, name)
         # Recorded as resolved, so the config says what was done (as a reloaded file does).
         self.configs[name] = dataclasses.replace(config, modules_to_save=copies)
@@ -102,9 +104,9 @@ class PeftModel(nn.Module):
         self.base_model.set_submodule(path, copy)
         return copy
 
-    def _add_lora(self, config: LoraConfig, name: str) -> list[str]:
-        """Wrap every targeted layer (or add to its existing LoRA wrapper); return their paths."""
-        trained_in_full = targets.trained_copy_paths(self.base_model, config.modules_to_save)
+    def _add_lora(self, config: LoraConfig, name: str, trained_in_full: list[str]) -> list[str]:
+        """Wrap every targeted layer (or add to its existing LoRA wrapper) outside the modules
+        ``trained_in_full``; return their paths."""
         chosen = targets.find_targets(self.base_model, config.target_modules, trained_in_full)
         targets.check_rank(chosen, config.r)
         for target in chosen:

@@ -201,7 +201,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     elif lr is not None:
         groups = [{"params": list(trainable_parameters(model).values()), "lr": lr}]
     elif isinstance(model, PeftModel):
-        # Each active adapter at its method's rate: LoRA + prompt trains LoRA at 2e-4 and the
+        # Each active adapter at its method's rate: LoRA + prompt trains LoRA at ~2e-4 and the
         # prompt at 3e-2, where one shared rate would starve one of them (M9).
         groups = default_parameter_groups(model)
     else:
