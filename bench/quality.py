@@ -28,9 +28,11 @@ weight decay, linear warm-up over the first 10 % of the steps then cosine decay 
 the step budget (162 steps, about half an epoch). The learning rate is never tuned on the
 held-out split: peftkit's cases train with peftkit's own defaults (M9: the optimizer groups
 ``peftkit.train.default_parameter_groups`` gives, the adapter at its method's rate, for LoRA
-2e-4 x sqrt(4096 / 384) = 6.5e-4 on this 384-wide model, and the head trained in full at
-1e-3), each PEFT case with the same two rates as peftkit's same method, so the two
-implementations get the same chance. Every case that is compared with another (full fine-tuning, LoRA, prefix and prompt,
+2e-4 x sqrt(4096 / 384) = 6.5e-4 on this 384-wide model split LoRA+ style into A at 3.3e-4 and
+B at 5.2e-3, and the head trained in full at 1e-3), each PEFT case with the same rates as
+peftkit's same method (for LoRA the same A and B rates, as PEFT's create_loraplus_optimizer
+would give), so the two implementations get the same chance. bench/defaults_study.py shows how
+LoRA's split was chosen on a validation split of the training reviews. Every case that is compared with another (full fine-tuning, LoRA, prefix and prompt,
 both libraries) runs with three seeds (model head init, adapter init, dropout and data
 order); head only and the bottleneck adapters, which PEFT lacks, with the first seed.
 
@@ -60,6 +62,7 @@ that fails (an exception, a crash, a timeout) becomes an error row; the others s
 
 Usage:  python bench/quality.py                      # both parts, all cases
         python bench/quality.py --reuse bench/results/quality.json   # only the runs it lacks
+        python bench/quality.py --reuse bench/results/quality.json --rerun peftkit-qv,peft-qv
         python bench/quality.py --cases classification --seeds 42,43,44
         python bench/quality.py --cases peftkit-qv,peft-qv --steps 3 --eval-limit 64 --out /tmp/q
 Writes: OUT/quality.json and OUT/quality.md (OUT defaults to bench/results). A run of one part
@@ -265,10 +268,12 @@ def method_lr(method: str, model) -> float:
     return default_learning_rate(peftkit_config(method), model)
 
 
-def prepare_classification(case: str, model):
+def prepare_classification(case: str, model, adjust_config=None):
     """Wrap ``model`` for ``case``; return (model to train, its AdamW parameter groups, a
-    record of the setup)."""
-    from peftkit.train import TRAINED_COPY_LEARNING_RATE, default_learning_rate, default_parameter_groups
+    record of the setup). ``adjust_config`` (a function of a peftkit config that returns
+    another) is for studies of the defaults; the bench itself never passes it."""
+    from peftkit.train import (LORA_PLUS_RATIO, TRAINED_COPY_LEARNING_RATE, default_learning_rate,
+                               default_parameter_groups)
 
     library, _, method = case.partition("-")
     if case in ("head", "full"):
@@ -280,6 +285,8 @@ def prepare_classification(case: str, model):
     if library == "peftkit":
         peftkit = import_peftkit()
         config = peftkit_config(method)
+        if adjust_config is not None:
+            config = adjust_config(config)
         pm = peftkit.attach(model, config)
         # The groups peftkit's train() builds when given no lr: the adapter at its method's
         # default rate, the modules trained in full at theirs.
@@ -294,15 +301,30 @@ def prepare_classification(case: str, model):
     if method == "prefix" and expose_past_key_values(model.bert):
         setup["compat_shim"] = PAST_KEY_VALUES_SHIM
     wrapped = peft.get_peft_model(model, config)
-    # The same two rates as peftkit's: PEFT's adapter at the method's, its modules_to_save
-    # copies at peftkit's rate for modules trained in full.
+    # The same rates as peftkit's: PEFT's adapter at the method's (for LoRA split LoRA+ style
+    # as peftkit's defaults split it, which PEFT offers as create_loraplus_optimizer), its
+    # modules_to_save copies at peftkit's rate for modules trained in full.
     trainable = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if ".modules_to_save." not in n], "lr": lr, "kind": "adapter"},
-              {"params": [p for n, p in trainable if ".modules_to_save." in n], "lr": TRAINED_COPY_LEARNING_RATE,
-               "kind": "modules_to_save"}]
+    adapter = [(n, p) for n, p in trainable if ".modules_to_save." not in n]
+    if method in ("qv", "all-linear"):
+        groups = [{"params": [p for n, p in adapter if ".lora_B." not in n], "lr": lr / 2, "kind": "lora_A"},
+                  {"params": [p for n, p in adapter if ".lora_B." in n], "lr": lr / 2 * LORA_PLUS_RATIO,
+                   "kind": "lora_B"}]
+    else:
+        groups = [{"params": [p for _, p in adapter], "lr": lr, "kind": "adapter"}]
+    groups.append({"params": [p for n, p in trainable if ".modules_to_save." in n], "lr": TRAINED_COPY_LEARNING_RATE,
+                   "kind": "modules_to_save"})
     groups = [g for g in groups if g["params"]]
     setup["param_groups"] = describe_groups(groups)
     return wrapped, groups, setup
+
+
+def lora_plus_ratio() -> float:
+    """peftkit's LoRA+ ratio (B's rate over A's), given to PEFT's LoRA cases too."""
+    import_peftkit()
+    from peftkit.train import LORA_PLUS_RATIO
+
+    return LORA_PLUS_RATIO
 
 
 def describe_groups(groups: list[dict]) -> list[dict]:
@@ -356,11 +378,13 @@ def save_classification(case: str, model, folder: Path) -> Path:
     return folder
 
 
-def classification_data(tokenizer, seed: int, batch_size: int, eval_limit: int | None):
-    """(train batches in the seed's order, held-out batches, held-out labels)."""
+def classification_data(tokenizer, seed: int, batch_size: int, eval_limit: int | None,
+                        rows: tuple[list[dict], list[dict]] | None = None):
+    """(train batches in the seed's order, held-out batches, held-out labels), from
+    ``rows`` = (train reviews, held-out reviews) or the corpus's split by movie."""
     from peftkit import data
 
-    train, test = rt.split()
+    train, test = rows or rt.split()
     if eval_limit:
         test = test[:eval_limit]
 
@@ -390,7 +414,11 @@ def classify(model, batches) -> list[int]:
     return predicted
 
 
-def run_classification(case: str, seed: int, args) -> dict:
+def run_classification(case: str, seed: int, args, rows=None, regroup=None, adjust_config=None) -> dict:
+    """One classification run. ``rows`` (train, held-out reviews), ``regroup`` (a function
+    of the model and its optimizer groups that returns new groups) and ``adjust_config`` (see
+    prepare_classification) are for studies of the defaults on another split
+    (bench/defaults_study.py); the bench itself uses none of them."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -399,12 +427,15 @@ def run_classification(case: str, seed: int, args) -> dict:
 
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    train_batches, test_batches, gold = classification_data(tokenizer, seed, args.batch_size, args.eval_limit)
+    train_batches, test_batches, gold = classification_data(tokenizer, seed, args.batch_size, args.eval_limit, rows)
     torch.manual_seed(seed)  # the fresh head's init: the same for every case of this seed
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, local_files_only=True)
     total_params = sum(p.numel() for p in model.parameters())
     rss_after_load = lora_step.peak_rss_mb()
-    wrapped, groups, setup = prepare_classification(case, model)
+    wrapped, groups, setup = prepare_classification(case, model, adjust_config)
+    if regroup is not None:
+        groups = regroup(wrapped, groups)
+        setup["param_groups"] = describe_groups(groups)
     trainable = count_trainable(wrapped)
 
     torch.manual_seed(seed)  # dropout and adapter randomness from here on
@@ -682,6 +713,7 @@ def classification_section(args, runs: list[dict]) -> dict:
             "multi_seed_cases": sorted(MULTI_SEED_CASES), "warmup_ratio": WARMUP_RATIO,
             "schedule": "peftkit.train.train: AdamW (weight decay 0), linear warm-up then cosine to 0",
             "full_lr": FULL_LR, "head_lr": HEAD_LR, "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
+            "lora_plus_ratio": lora_plus_ratio(),
             "modules_to_save": HEAD, "timing_skip": TIMING_SKIP,
         },
         "runs": runs,
@@ -789,7 +821,10 @@ def classification_markdown(section: dict, machine: dict) -> list[str]:
         "saved: the .safetensors and .json files of what the case saves (the adapter with its "
         "trained head; the whole model for full; the head for head only); \"(no head)\": the saved "
         "adapter holds no classifier tensor. The lr column is the rate each case trained at: "
-        "peftkit's method default (M9) for peftkit and for PEFT's same method.",
+        "peftkit's method default (M9) for peftkit and for PEFT's same method"
+        + (f"; LoRA's is split LoRA+ style in both libraries, A at half of it and B at "
+           f"{s['lora_plus_ratio']:g} times A's" if s.get("lora_plus_ratio", 1) != 1 else "")
+        + "; the head trains at 1e-3 beside every adapter.",
     ]
     if errors:
         lines += ["", "Runs that failed (left out of the means): " + "; ".join(errors)]
@@ -916,6 +951,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="folder for quality.json and quality.md (default bench/results)")
+    p.add_argument("--rerun", type=parse_cases, default=[], metavar="CASES",
+                   help="with --reuse: run these cases anew (after a change that affects them)")
     p.add_argument("--reuse", type=Path, metavar="JSON",
                    help="an earlier quality.json: its successful runs of the same setup are kept, "
                         "and only the (case, seed) runs it lacks are run")
@@ -992,8 +1029,9 @@ def main(argv=None) -> int:
     runs += [(c, args.seeds[0]) for c in args.cases if c in GENERATION_CASES]
     if args.reuse:
         kept_class, kept_gen = reusable_runs(args.reuse, args)
-        class_runs += [r for r in kept_class if (r["case"], r["seed"]) in runs]
-        gen_runs += [r for r in kept_gen if (r["case"], r["seed"]) in runs]
+        wanted = [r for r in runs if r[0] not in args.rerun]
+        class_runs += [r for r in kept_class if (r["case"], r["seed"]) in wanted]
+        gen_runs += [r for r in kept_gen if (r["case"], r["seed"]) in wanted]
         done = {(r["case"], r["seed"]) for r in class_runs + gen_runs}
         print(f"[quality] reusing {len(done)} runs from {args.reuse}")
         runs = [r for r in runs if r not in done]

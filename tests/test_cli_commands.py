@@ -131,6 +131,14 @@ def test_classification_reports_accuracy(folders, tmp_path):
     proc = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "cls",
                "--steps", 3, "--eval-fraction", 0.25, "--no-progress")
     assert "classes ['fresh', 'rotten']" in proc.stdout and "held-out accuracy" in proc.stdout
+    # The default LoRA rate of a 64-wide model (the 1e-3 cap), split LoRA+ style; the head at 1e-3.
+    assert "at lr 0.001 (LoRA+: A 0.0005, B 0.008; trained in full 0.001)" in proc.stdout
+    plain = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "plain",
+                "--steps", 1, "--lora-plus-ratio", 1, "--no-progress")
+    assert "at lr 0.001 (trained in full 0.001)" in plain.stdout
+    refused = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "no",
+                  "--lora-plus-ratio", 0.5, "--no-progress", check=False)
+    assert refused.returncode == 2 and "0.5 is below 1" in refused.stderr and not (tmp_path / "no").exists()
 
 
 def test_info_on_a_broken_folder_says_what_is_wrong(folders, tmp_path):

@@ -206,9 +206,12 @@ def test_the_head_trains_at_its_own_rate_beside_any_method(method):
     train(pm, [{"input_ids": ids(), "labels": torch.tensor([0, 1, 1])}], steps=1, progress=False,
           preflight=lambda model, optimizer, batch: seen.extend(optimizer.param_groups))
     by_kind = {group["kind"]: group for group in seen}
-    assert set(by_kind) == {"adapter", "modules_to_save"}
-    assert by_kind["adapter"]["initial_lr"] == default_learning_rate(pm.configs["default"], pm)
+    # LoRA's own rate is split LoRA+ style into A and B groups (tests/test_train.py checks how).
+    adapter_kinds = {"lora_A", "lora_B"} if method == "lora" else {"adapter"}
+    assert set(by_kind) == adapter_kinds | {"modules_to_save"}
+    rate = default_learning_rate(pm.configs["default"], pm)
+    assert all(by_kind[kind]["base_lr"] == rate for kind in adapter_kinds)
     assert by_kind["modules_to_save"]["initial_lr"] == TRAINED_COPY_LEARNING_RATE == 1e-3
     copies = {id(p) for n, p in pm.trainable_parameters().items() if ".copies.default." in n}
     assert {id(p) for p in by_kind["modules_to_save"]["params"]} == copies
-    assert not copies & {id(p) for p in by_kind["adapter"]["params"]}
+    assert not copies & {id(p) for kind in adapter_kinds for p in by_kind[kind]["params"]}

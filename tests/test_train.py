@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_reference
 
 import peftkit
-from peftkit.train import _checkpoint_paths, default_learning_rate, train, warmup_cosine
+from peftkit.train import (LORA_PLUS_RATIO, _checkpoint_paths, default_learning_rate, default_parameter_groups,
+                           train, warmup_cosine)
 
 
 def make_run(seed: int = 0):
@@ -129,6 +130,69 @@ def test_each_active_method_trains_at_its_own_default_rate():
 
     ids = torch.randint(0, 200, (2, 8))
     train(pm, [{"input_ids": ids, "labels": ids}], steps=1, progress=False, preflight=record)
-    lora_params = sum(p.numel() for n, p in pm.trainable_parameters().items() if "lora_" in n)
-    # LoRA at the rate of its width (hidden 64: the 1e-3 cap), the prompt at 3e-2.
-    assert seen == {1e-3: lora_params, 3e-2: 4 * 64}  # prompt: 4 tokens x hidden 64
+    lora = pm.trainable_parameters()
+    a_params = sum(p.numel() for n, p in lora.items() if "lora_A." in n)
+    b_params = sum(p.numel() for n, p in lora.items() if "lora_B." in n)
+    # LoRA at the rate of its width (hidden 64: the 1e-3 cap), split LoRA+ style (A at half
+    # of it, B at 16 times A's); the prompt at 3e-2 (4 tokens x hidden 64).
+    assert {round(lr, 9): n for lr, n in seen.items()} == {5e-4: a_params, 8e-3: b_params, 3e-2: 4 * 64}
+
+
+def lora_plus_model():
+    """A reference decoder with LoRA on its linear layers and on its token embedding."""
+    torch.manual_seed(0)
+    return peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4, target_modules=["q", "v", "embed_tokens"]))
+
+
+def test_default_groups_train_lora_b_faster_than_a_lora_plus():
+    pm = lora_plus_model()
+    rate = default_learning_rate(pm.configs["default"], pm)
+    rates = {}
+    for group in default_parameter_groups(pm):
+        for p in group["params"]:
+            rates[id(p)] = group["lr"]
+    by_name = {n: rates[id(p)] for n, p in pm.trainable_parameters().items()}
+    assert by_name and len(by_name) == len(rates)  # every trainable tensor in exactly one group
+    for name, lr in by_name.items():
+        if "lora_embedding_" in name:
+            expected = rate  # embedding LoRA: A starts at zero there, so no LoRA+ split
+        elif ".lora_B." in name:
+            expected = rate / 2 * LORA_PLUS_RATIO
+        else:
+            expected = rate / 2
+        assert lr == pytest.approx(expected), name
+    # Ratio 1: the plain rate for every LoRA tensor, one group.
+    plain = default_parameter_groups(pm, lora_plus_ratio=1)
+    assert [(g["kind"], g["lr"]) for g in plain] == [("adapter", pytest.approx(rate))]
+    with pytest.raises(ValueError, match="at least 1"):
+        default_parameter_groups(pm, lora_plus_ratio=0.5)
+
+
+def test_lora_plus_steps_b_sixteen_times_as_far_as_a():
+    """AdamW's first step moves each weight by about its rate, so after one step without
+    warm-up every B has moved 16 times as far as the A beside it; with lora_plus_ratio=1, as far."""
+    for ratio, expected in ((LORA_PLUS_RATIO, LORA_PLUS_RATIO), (1.0, 1.0)):
+        pm = lora_plus_model()
+        with torch.no_grad():  # a non-zero B, so A gets a gradient in the first step too
+            for n, p in pm.trainable_parameters().items():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.02)
+        before = {n: p.detach().clone() for n, p in pm.trainable_parameters().items()}
+        ids = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.AdamW(default_parameter_groups(pm, ratio))
+        pm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in pm.trainable_parameters().items()}
+        for n in moved:
+            if ".lora_B." in n:
+                partner = n.replace(".lora_B.", ".lora_A.")
+                assert moved[n] / moved[partner] == pytest.approx(expected, rel=1e-3), n
+
+
+def test_an_explicit_rate_trains_every_tensor_at_that_rate():
+    pm = lora_plus_model()
+    seen = []
+    ids = torch.randint(0, 200, (2, 8))
+    train(pm, [{"input_ids": ids, "labels": ids}], steps=1, lr=3e-4, progress=False,
+          preflight=lambda model, optimizer, batch: seen.extend(g["initial_lr"] for g in optimizer.param_groups))
+    assert seen == [3e-4]

@@ -130,6 +130,25 @@ def _doctor_preflight(model, optimizer, batch) -> None:
         print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
 
 
+def _lora_plus_ratio(text: str) -> float:
+    """--lora-plus-ratio: a number of at least 1 (B's rate over A's)."""
+    ratio = float(text)
+    if ratio < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1: the ratio is B's rate over A's; 1 turns LoRA+ off.")
+    return ratio
+
+
+def _rate_split(rates: dict[str, float]) -> str:
+    """How the rate was split among the optimizer groups, e.g. " (LoRA+: A 3.3e-4, B 5.2e-3;
+    trained in full 1e-3)"; empty for one plain rate."""
+    parts = []
+    if "lora_B" in rates:
+        parts.append(f"LoRA+: A {rates.get('lora_A', 0):.2g}, B {rates['lora_B']:.2g}")
+    if "modules_to_save" in rates:
+        parts.append(f"trained in full {rates['modules_to_save']:.2g}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError, read_jsonl
     from .io import AdapterFileError
@@ -146,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
                              warmup_ratio=args.warmup_ratio, eval_data=args.eval_data)
+        if args.lora_plus_ratio is not None:
+            options.lora_plus_ratio = args.lora_plus_ratio
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress, preflight=_doctor_preflight)
     except PreflightFailed as e:
@@ -159,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("trainable parameters", f"{summary.trainable_params:,} of {summary.total_params:,} ({share:.3f}%)"),
         ("data", f"{summary.train_examples} train / {summary.eval_examples} held-out examples"
                  + (f", classes {summary.classes}" if summary.classes else "")),
-        ("steps", f"{summary.steps} at lr {summary.learning_rate:g}"
+        ("steps", f"{summary.steps} at lr {summary.learning_rate:.2g}" + _rate_split(summary.rates)
                   + (f" (resumed at step {summary.resumed_from})" if summary.resumed_from else "")),
         ("time", f"{summary.seconds:.1f} s, {summary.tokens / max(summary.seconds, 1e-9):,.0f} tokens/s"),
         ("train loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
@@ -388,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=float)
     train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4 at hidden size 4096, "
                        "scaled by sqrt(4096/hidden) for other widths; prompt 3e-2, prefix 1e-2, adapters 1e-4)")
+    train.add_argument("--lora-plus-ratio", type=_lora_plus_ratio, metavar="R",
+                       help="with the default LoRA rate, train B at R times A's rate and A at half the "
+                            "rate (LoRA+, Hayou et al. 2024; default 16); 1 trains both at the rate. "
+                            "An explicit --lr trains everything at that one rate")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")

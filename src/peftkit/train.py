@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import integrations
 from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
+from .methods.lora import LoraLinear
 from .methods.trained_copy import TrainedCopy
 from .model import PeftModel
 
@@ -72,20 +73,54 @@ def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = No
 TRAINED_COPY_LEARNING_RATE = 1e-3
 
 
-def default_parameter_groups(model: PeftModel) -> list[dict]:
+# LoRA+ (Hayou, Ghosh & Yu 2024): B starts at zero, and in a wide layer it grows too slowly
+# for B A to learn new features when A and B share one rate. They train B at 2^4 = 16 times
+# A's rate and advise A at about half a plain LoRA rate, so the default groups put A at half
+# the rate above and B at 8 times it. Chosen on a validation split carved from the training
+# reviews (bench/defaults_study.py --study lora), never on bench/quality.py's held-out split.
+# Embedding LoRA keeps the plain rate: there A is the factor that starts at zero.
+LORA_PLUS_RATIO = 16.0
+
+
+def _lora_plus_groups(model: PeftModel, name: str, params: list, rate: float, ratio: float) -> list[dict]:
+    """Adapter ``name``'s LoRA parameters split into LoRA+ groups: the B of each linear
+    layer at rate · ratio / 2, the rest of its linear layers (A, a trained bias) at rate / 2,
+    anything else (embedding LoRA) at the plain rate."""
+    b_ids, linear_ids = set(), set()
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and name in module.adapter_names:
+            b_ids.add(id(module.lora_B[name]))
+            linear_ids.update(id(p) for _, p in module.adapter_parameters(name))
+    split = [("lora_A", [p for p in params if id(p) in linear_ids - b_ids], rate / 2),
+             ("lora_B", [p for p in params if id(p) in b_ids], rate / 2 * ratio),
+             ("adapter", [p for p in params if id(p) not in linear_ids], rate)]
+    return [{"params": ps, "lr": lr, "base_lr": rate, "adapter": name, "kind": kind}
+            for kind, ps, lr in split if ps]
+
+
+def default_parameter_groups(model: PeftModel, lora_plus_ratio: float = LORA_PLUS_RATIO) -> list[dict]:
     """The AdamW groups ``train`` builds when given no lr (M9): per active adapter, its own
     parameters at its method's default rate (``kind="adapter"``) and the modules it trains in
-    full (``kind="modules_to_save"``) at 1e-3. Each group also names its ``adapter``; use
-    them in your own loop as ``torch.optim.AdamW(default_parameter_groups(pm))``."""
+    full (``kind="modules_to_save"``) at 1e-3. A LoRA adapter is split LoRA+ style (see
+    LORA_PLUS_RATIO) into ``kind="lora_A"`` at half its rate and ``kind="lora_B"`` at
+    ``lora_plus_ratio`` times that; ``lora_plus_ratio=1`` trains A and B at the plain rate.
+    Each group also names its ``adapter`` and its method's rate (``base_lr``); use them in
+    your own loop as ``torch.optim.AdamW(default_parameter_groups(pm))``."""
+    if lora_plus_ratio < 1:
+        raise ValueError(f"lora_plus_ratio is B's rate over A's and must be at least 1 (1 turns LoRA+ off), "
+                         f"got {lora_plus_ratio}.")
     in_full = {id(p) for module in model.modules() if isinstance(module, TrainedCopy)
                for _, p in module.adapter_parameters()}
     groups = []
     for name, params in model.parameter_groups():
         own = [p for p in params if id(p) not in in_full]
         copies = [p for p in params if id(p) in in_full]
-        if own:
-            groups.append({"params": own, "lr": default_learning_rate(model.configs[name], model),
-                           "adapter": name, "kind": "adapter"})
+        config = model.configs[name]
+        rate = default_learning_rate(config, model)
+        if own and isinstance(config, LoraConfig) and lora_plus_ratio != 1:
+            groups.extend(_lora_plus_groups(model, name, own, rate, lora_plus_ratio))
+        elif own:
+            groups.append({"params": own, "lr": rate, "base_lr": rate, "adapter": name, "kind": "adapter"})
         if copies:
             groups.append({"params": copies, "lr": TRAINED_COPY_LEARNING_RATE, "adapter": name,
                            "kind": "modules_to_save"})
@@ -107,9 +142,10 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
-    learning_rate: float = 0.0
+    learning_rate: float = 0.0  # the adapters' method rate (LoRA+ splits it; see ``rates``)
     seconds: float = 0.0
     tokens: int = 0
+    rates: dict[str, float] = field(default_factory=dict)  # peak rate of each kind of group
 
 
 def _count_tokens(batch: dict) -> int:
@@ -185,7 +221,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
           checkpoint_every: int = 0, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
           preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
-          param_groups: list[dict] | None = None) -> TrainResult:
+          param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
 
@@ -194,7 +230,9 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     as an uninterrupted one. ``on_step`` receives {step, loss, lr, tokens, seconds}.
     ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
     may raise to stop the run. ``param_groups`` (AdamW groups, each with its ``lr``) replaces
-    the groups ``lr`` or the defaults would give.
+    the groups ``lr`` or the defaults would give. Without ``lr`` a LoRA adapter trains LoRA+
+    style (``default_parameter_groups``; ``lora_plus_ratio=1`` turns that off); an explicit
+    ``lr`` trains every parameter at that one rate.
     """
     if param_groups is not None:
         groups = param_groups
@@ -203,15 +241,18 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     elif isinstance(model, PeftModel):
         # Each active adapter at its method's rate: LoRA + prompt trains LoRA at ~2e-4 and the
         # prompt at 3e-2, where one shared rate would starve one of them (M9).
-        groups = default_parameter_groups(model)
+        groups = default_parameter_groups(model, lora_plus_ratio)
     else:
         raise ValueError("full fine-tuning needs an explicit learning rate.")
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
-    # The rate reported is the adapters' (a head trained in full beside them has its own).
+    # The rate reported is the adapters' method rate (a head trained in full beside them has
+    # its own). initial_lr: the scheduler has already scaled "lr" by the first warm-up factor.
     adapter_groups = [g for g in groups if g.get("kind") != "modules_to_save"] or groups
-    # initial_lr: the scheduler has already scaled "lr" by the first warm-up factor.
-    result = TrainResult(learning_rate=max(g.get("initial_lr", g["lr"]) for g in adapter_groups))
+    result = TrainResult(learning_rate=max(g.get("base_lr", g.get("initial_lr")) for g in adapter_groups))
+    for group in groups:
+        kind = group.get("kind", "params")
+        result.rates[kind] = max(result.rates.get(kind, 0.0), group["initial_lr"])
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
@@ -294,6 +335,7 @@ class RunOptions:
     checkpoint_every: int = 50
     warmup_ratio: float = 0.1
     eval_data: str | None = None  # a held-out JSONL file; default: eval_fraction of the data
+    lora_plus_ratio: float = LORA_PLUS_RATIO  # LoRA's B rate over A's at default rates; 1 = off
 
 
 @dataclass
@@ -315,6 +357,7 @@ class RunSummary:
     adapter_bytes: int
     classes: list[str]
     resumed_from: int
+    rates: dict[str, float] = field(default_factory=dict)  # TrainResult.rates
 
 
 class RunFolderError(ValueError):
@@ -425,7 +468,8 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
                        grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                        checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
-                       resume=resume, on_step=write_log, preflight=preflight)
+                       resume=resume, on_step=write_log, preflight=preflight,
+                       lora_plus_ratio=options.lora_plus_ratio)
     eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
     adapter_dir = pm.save(out_dir / "adapter")
     return RunSummary(
@@ -435,5 +479,5 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         first_loss=result.losses[0], last_loss=result.losses[-1],
         eval_before=eval_before, eval_after=eval_after, adapter_dir=str(adapter_dir),
         adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()),
-        classes=list(dataset.classes), resumed_from=resumed_from,
+        classes=list(dataset.classes), resumed_from=resumed_from, rates=result.rates,
     )
