@@ -15,8 +15,10 @@ Studies (``--study``):
                        by a factor of 2, than a vanilla LoRA rate"); peftkit's default since
             rate-1e-3  A and B at 1e-3, the top of peftkit's LoRA range, as a reference point
   prefix  prefix tuning, 20 virtual tokens at 1e-2:
-            vocab      peftkit's default: the model's own keys and values of vocabulary tokens
-            random     N(0, 1), Hugging Face PEFT's init
+            vocab      the model's own keys and values of vocabulary tokens (peftkit's default
+                       for a language model)
+            random     N(0, 1), Hugging Face PEFT's init (peftkit's default for a classifier
+                       since this study)
 
 Usage:  python bench/defaults_study.py --study lora [--candidates plain,loraplus] [--seeds 42,43]
 Writes OUT/defaults_<study>.json and prints a table (OUT defaults to bench/results).

@@ -732,7 +732,7 @@ def generation_section(args, runs: list[dict]) -> dict:
             "max_new_tokens": args.gen_max_new_tokens, "seed": args.seeds[0], "warmup_ratio": WARMUP_RATIO,
             "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
         },
-        "results": runs,
+        "results": sorted(runs, key=lambda r: GENERATION_CASES.index(r["case"])),
     }
 
 

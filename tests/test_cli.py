@@ -63,7 +63,7 @@ def test_console_script_and_module_entry_points_agree():
 
 def test_init_options_reach_the_prompt_and_the_prefix():
     """--init/--init-text set how a prompt or a prefix starts (--prompt-init is the old name);
-    a prefix left alone starts from the model's own keys of vocabulary tokens."""
+    a prefix left alone is decided when attached (tests/methods/test_prefix.py)."""
     from peftkit.cli import _method_config, build_parser
 
     class Tokenizer:
@@ -76,7 +76,7 @@ def test_init_options_reach_the_prompt_and_the_prefix():
 
     prefix = config("--method", "prefix", "--init", "text", "--init-text", "Review sentiment:")
     assert (prefix.init, prefix.init_text) == ("text", "Review sentiment:") and prefix.tokenizer is not None
-    assert config("--method", "prefix").init == "vocab"
+    assert config("--method", "prefix").init is None  # decided by the model when attached
     assert config("--method", "prefix", "--projection-dim", "8").init == "random"
     assert config("--method", "prompt", "--prompt-init", "vocab").init == "vocab"
     with pytest.raises(ValueError, match="--init-text do\\(es\\) not apply to --method lora"):

@@ -194,13 +194,17 @@ class PrefixConfig(_DictMixin):
         projection_dim: when set, the prefix is produced by an MLP (embedding ->
             projection_dim -> 2 * layers * kv_dim) while training, which Li & Liang found
             more stable; it is folded into plain tensors for saving and inference.
-        init: how the prefix starts. ``"vocab"`` (the default without projection_dim): the
-            keys and values the model itself computes for N tokens drawn from its
-            vocabulary, so the prefix starts as a (random) real-text prefix, at the scale
-            every layer expects (Li & Liang's init from real words; PEFT's N(0, 1) keys
-            are far off the scale of a pretrained model's and wreck its first outputs).
-            ``"text"``: those of ``init_text`` encoded by ``tokenizer`` (repeated or cut to
-            length). ``"random"`` (the default with projection_dim): N(0, 1), as PEFT.
+        init: how the prefix starts. ``"vocab"``: the keys and values the model itself
+            computes for N tokens drawn from its vocabulary, so the prefix starts as a
+            (random) real-text prefix, at the scale every layer expects (Li & Liang's init
+            from real words). ``"text"``: those of ``init_text`` encoded by ``tokenizer``
+            (repeated or cut to length). ``"random"``: N(0, 1), as PEFT. ``None`` (the
+            default) is decided when the prefix is attached: ``"random"`` with
+            projection_dim or on a sequence classifier, else ``"vocab"``. A language model
+            keeps its pretrained output head, and N(0, 1) keys, far off its own scale,
+            wreck its first outputs (SmolLM2's first loss 8-11 against 1.1); a classifier's
+            head is new anyway, and there N(0, 1) trained better on a validation split
+            (bench/defaults_study.py --study prefix).
         init_text, tokenizer: for ``init="text"``; the tokenizer is used once and never saved.
     """
 
@@ -220,9 +224,10 @@ class PrefixConfig(_DictMixin):
         _check_positive_int("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.projection_dim is not None:
             _check_positive_int("PrefixConfig", "projection_dim", self.projection_dim)
-        if self.init is None:
-            self.init = "random" if self.projection_dim is not None else "vocab"
-        _check_token_init(self)
+        if self.init is None and self.projection_dim is not None:
+            self.init = "random"
+        if self.init is not None:  # else decided at attach time (see init above)
+            _check_token_init(self)
         if self.projection_dim is not None and self.init != "random":
             raise ValueError(
                 f"PrefixConfig(init={self.init!r}) sets the prefix itself, but with projection_dim an "

@@ -32,6 +32,14 @@ ATTACHABLE_CONFIGS = (LoraConfig, AdapterConfig, PromptConfig, PrefixConfig)
 """Methods that put virtual tokens in front of the input instead of changing layers."""
 
 
+def default_prefix_init(model: nn.Module) -> str:
+    """How a prefix starts when its config leaves ``init`` open: ``"random"`` (N(0, 1)) on a
+    sequence classifier, whose head is new anyway, else ``"vocab"`` (the model's own keys and
+    values of vocabulary tokens), so that a language model's first outputs stay its own.
+    PrefixConfig's docstring gives the measurements."""
+    return "random" if integrations.is_sequence_classifier(model) else "vocab"
+
+
 class PeftModel(nn.Module):
     """A model with one or more named adapters; forwards everything to the wrapped model.
 
@@ -76,6 +84,8 @@ class PeftModel(nn.Module):
         if type(config) not in ATTACHABLE_CONFIGS:
             raise TypeError(f"unsupported config type {type(config).__name__}; "
                             f"peftkit attaches {[c.__name__ for c in ATTACHABLE_CONFIGS]}.")
+        if isinstance(config, PrefixConfig) and config.init is None:
+            config = dataclasses.replace(config, init=default_prefix_init(self.base_model))
         copies = targets.trained_copy_paths(self.base_model, config.modules_to_save)
         # LoRA needs the copies too: it leaves the layers inside them alone.
         attachers = {LoraConfig: lambda c, n: self._add_lora(c, n, copies), AdapterConfig: self._add_bottleneck,

@@ -125,9 +125,10 @@ def test_a_prefix_from_text_starts_as_that_text_read_first(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "reference"])
 def test_the_default_prefix_is_the_models_own_keys_of_vocabulary_tokens(arch):
-    """init="vocab" (the default): the keys and values the model computes for N drawn
-    vocabulary tokens, at the scale of its own (PEFT's N(0, 1) is not); an encoder (BERT)
-    and the native-prefix reference model alike. With projection_dim the default is N(0, 1)."""
+    """init="vocab" (the default outside sequence classifiers): the keys and values the model
+    computes for N drawn vocabulary tokens, at the scale of its own (PEFT's N(0, 1) is not);
+    an encoder (BERT) and the native-prefix reference model alike. With projection_dim the
+    default is N(0, 1)."""
     model = BUILDERS[arch](0)
     torch.manual_seed(0)
     pm = peftkit.attach(model, peftkit.PrefixConfig(num_virtual_tokens=N))
@@ -140,6 +141,18 @@ def test_the_default_prefix_is_the_models_own_keys_of_vocabulary_tokens(arch):
         torch.testing.assert_close(key, want_key, rtol=0, atol=0)
         torch.testing.assert_close(value, want_value, rtol=0, atol=0)
     assert peftkit.PrefixConfig(projection_dim=8).init == "random"
+
+
+def test_a_classifiers_default_prefix_is_n01():
+    """On a sequence classifier, whose head is new anyway, the default prefix is N(0, 1) (as
+    PEFT's); the config records what was chosen. An explicit init is kept."""
+    pm = peftkit.attach(tiny_bert_classifier(), peftkit.PrefixConfig(num_virtual_tokens=N))
+    assert pm.configs["default"].init == "random"
+    prefix = pm.input_adapters["prefix"].prefix["default"].detach()
+    assert abs(prefix.mean().item()) < 0.1 and 0.9 < prefix.std().item() < 1.1  # N x 2 x 2 x 32 values
+    pm = peftkit.attach(tiny_bert_classifier(), peftkit.PrefixConfig(num_virtual_tokens=N, init="vocab"))
+    assert pm.configs["default"].init == "vocab"
+    assert peftkit.PrefixConfig().init is None  # decided at attach time
 
 
 def test_bad_prefix_inits_are_refused():

