@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_reference
@@ -187,6 +189,20 @@ def test_lora_plus_steps_b_sixteen_times_as_far_as_a():
             if ".lora_B." in n:
                 partner = n.replace(".lora_B.", ".lora_A.")
                 assert moved[n] / moved[partner] == pytest.approx(expected, rel=1e-3), n
+
+
+def test_the_rate_reported_each_step_is_the_methods_on_the_schedule():
+    """on_step's lr (the log and the progress bar) is the method's rate times the schedule's
+    factor, not the rate of whichever LoRA+ group comes first."""
+    pm = lora_plus_model()
+    rate = default_learning_rate(pm.configs["default"], pm)
+    seen = []
+    ids = torch.randint(0, 200, (2, 8))
+    train(pm, [{"input_ids": ids, "labels": ids}], steps=10, warmup_ratio=0.0, progress=False,
+          on_step=lambda info: seen.append(info["lr"]))
+    # No warm-up: after step k the cosine factor is (1 + cos(pi k / 10)) / 2.
+    expected = [rate * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(1, 11)]
+    assert seen == pytest.approx(expected, abs=1e-12)
 
 
 def test_an_explicit_rate_trains_every_tensor_at_that_rate():

@@ -276,7 +276,9 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(step_loss)
         elapsed = time.perf_counter() - start
-        current_lr = scheduler.get_last_lr()[0]
+        # The method's rate at this point of the schedule (LoRA+ groups run at multiples of it).
+        first = optimizer.param_groups[0]
+        current_lr = result.learning_rate * (first["lr"] / first["initial_lr"] if first["initial_lr"] else 0.0)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{current_lr:.2e}",
                         tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
         if on_step is not None:
