@@ -134,8 +134,13 @@ def test_classification_reports_accuracy(folders, tmp_path):
     # The default LoRA rate of a 64-wide model (the 1e-3 cap), split LoRA+ style; the head at 1e-3.
     assert "at lr 0.001 (LoRA+: A 0.0005, B 0.008; trained in full 0.001)" in proc.stdout
     plain = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "plain",
-                "--steps", 1, "--lora-plus-ratio", 1, "--no-progress")
+                "--steps", 1, "--lora-plus-ratio", 1, "--eval-limit", 2, "--no-progress")
     assert "at lr 0.001 (trained in full 0.001)" in plain.stdout
+    assert "/ 2 held-out examples" in plain.stdout  # --eval-limit: the first 2 of the 6 held out
+    assert "/ 6 held-out examples" in proc.stdout
+    no_rows = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "none",
+                  "--eval-limit", 0, "--no-progress", check=False)
+    assert no_rows.returncode == 2 and "--eval-limit" in no_rows.stderr and "below 1" in no_rows.stderr
     refused = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "no",
                   "--lora-plus-ratio", 0.5, "--no-progress", check=False)
     assert refused.returncode == 2 and "0.5 is below 1" in refused.stderr and not (tmp_path / "no").exists()

@@ -130,6 +130,17 @@ def _doctor_preflight(model, optimizer, batch) -> None:
         print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
 
 
+def _positive_int(text: str) -> int:
+    """An option that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1.")
+    return value
+
+
 def _lora_plus_ratio(text: str) -> float:
     """--lora-plus-ratio: a number of at least 1 (B's rate over A's)."""
     ratio = float(text)
@@ -164,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
-                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data)
+                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
+                             eval_limit=args.eval_limit)
         if args.lora_plus_ratio is not None:
             options.lora_plus_ratio = args.lora_plus_ratio
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
@@ -417,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
     train.add_argument("--eval-data", help="a held-out JSONL file (same format) instead of --eval-fraction")
+    train.add_argument("--eval-limit", type=_positive_int, metavar="N",
+                       help="score only the first N held-out examples, before and after training "
+                            "(default: all; thousands of rows take minutes on a CPU)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
     train.add_argument("--warmup-ratio", type=float, default=0.1)

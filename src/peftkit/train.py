@@ -338,6 +338,7 @@ class RunOptions:
     warmup_ratio: float = 0.1
     eval_data: str | None = None  # a held-out JSONL file; default: eval_fraction of the data
     lora_plus_ratio: float = LORA_PLUS_RATIO  # LoRA's B rate over A's at default rates; 1 = off
+    eval_limit: int | None = None  # score only the first N held-out examples (a quicker look)
 
 
 @dataclass
@@ -444,6 +445,8 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         train_set, eval_set = datamod.split(dataset, options.eval_fraction, options.seed)
     if not train_set.examples:
         raise datamod.DataError(f"{data_path} has too few examples to train on ({len(dataset)}).")
+    if options.eval_limit is not None:
+        eval_set = dataclasses.replace(eval_set, examples=eval_set.examples[:options.eval_limit])
     torch.manual_seed(options.seed)
     train_batches = datamod.batches(train_set, options.batch_size, loaded.pad_id, shuffle=True, seed=options.seed)
     eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
