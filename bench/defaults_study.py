@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -95,8 +94,7 @@ def worker(case: str, candidate: str, seed: int, args) -> None:
 
 
 def run(case: str, candidate: str, seed: int, args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = quality.worker_env(args.threads)
     cmd = [sys.executable, __file__, "--study", args.study, "--worker", case, "--candidate", candidate,
            "--seed", str(seed), "--threads", str(args.threads), "--steps", str(args.steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -593,13 +593,19 @@ def worker_command(case: str, seed: int, args) -> list[str]:
     return cmd
 
 
-def run_in_subprocess(case: str, seed: int, args) -> dict:
-    """Run one case and seed in a fresh interpreter and parse its marked result line."""
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of a worker process: ``threads`` math threads, local files only."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(args.threads)
+        env[var] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"  # local files only
+    return env
+
+
+def run_in_subprocess(case: str, seed: int, args) -> dict:
+    """Run one case and seed in a fresh interpreter and parse its marked result line."""
+    env = worker_env(args.threads)
     start = time.perf_counter()
     try:
         proc = subprocess.run(worker_command(case, seed, args), env=env, capture_output=True,

@@ -28,8 +28,9 @@ from .methods.prompt import PromptEncoder, init_token_ids, initial_prompt
 from .methods.trained_copy import TrainedCopy
 
 INPUT_CONFIGS = (PromptConfig, PrefixConfig)
-ATTACHABLE_CONFIGS = (LoraConfig, AdapterConfig, PromptConfig, PrefixConfig)
 """Methods that put virtual tokens in front of the input instead of changing layers."""
+ATTACHABLE_CONFIGS = (LoraConfig, AdapterConfig, PromptConfig, PrefixConfig)
+"""Every method ``add_adapter`` attaches."""
 
 
 def default_prefix_init(model: nn.Module) -> str:
