@@ -14,8 +14,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_demo_runs_end_to_end_and_reports(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--steps", "12", "--no-progress", "--out", str(out))
+    proc = run_cli("demo", "--steps", "12", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    # Every phase that takes time shows a progress bar, and no dependency warns on the screen.
+    for phase in ("base model: held-out task B", "base model: task A", "LoRA r=8 all-linear: held-out task B",
+                  "prompt 10 tokens: task A (forgetting)", "LoRA: reload, merge, save, read back"):
+        assert phase in proc.stderr, phase
+    assert "Warning" not in proc.stderr, proc.stderr
     text = proc.stdout
     for method in ("full fine-tuning", "LoRA r=8 all-linear", "adapter pfeiffer", "prefix 10 tokens", "prompt 10 tokens"):
         assert method in text
@@ -81,3 +86,13 @@ def test_init_options_reach_the_prompt_and_the_prefix():
     assert config("--method", "prompt", "--prompt-init", "vocab").init == "vocab"
     with pytest.raises(ValueError, match="--init-text do\\(es\\) not apply to --method lora"):
         config("--method", "lora", "--init-text", "x")
+
+
+def test_building_the_reference_base_shows_its_progress(tmp_path, monkeypatch, capsys):
+    from peftkit import demo, loading
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "BASE_STEPS", 2)
+    folder = loading.reference_base(progress=True)
+    assert (folder / "model.safetensors").is_file()
+    assert "base model (task A)" in capsys.readouterr().err

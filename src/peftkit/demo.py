@@ -104,9 +104,10 @@ def _task(path: Path) -> tuple[str, int | None]:
     return "causal-lm", None
 
 
-def _load(model: str, data: Path) -> LoadedModel:
+def _load(model: str, data: Path, progress: bool = False) -> LoadedModel:
+    """The model for ``data``'s task; ``progress`` shows the base being built on first use."""
     task, num_labels = _task(data)
-    return load_model(model, task=task, num_labels=num_labels, progress=False)
+    return load_model(model, task=task, num_labels=num_labels, progress=progress)
 
 
 def run_case(index: int, model: str, data: Path, task_a: Path | None, steps: int, seed: int,
@@ -122,11 +123,12 @@ def run_case(index: int, model: str, data: Path, task_a: Path | None, steps: int
     model_under_training = loaded.model if config is None else attach(loaded.model, config)
     trainable = sum(p.numel() for p in model_under_training.parameters() if p.requires_grad)
     result = train(model_under_training, train_batches, steps=steps, lr=lr, progress=progress, desc=name)
-    after = evaluate(model_under_training, eval_batches)
+    after = evaluate(model_under_training, eval_batches, progress, f"{name}: held-out task B")
     forgetting = None
     if task_a is not None:
         _, a_eval = _dataset(loaded, task_a, seed, eval_fraction=1.0)
-        forgetting = evaluate(model_under_training, batches(a_eval, BATCH_SIZE, loaded.pad_id, shuffle=False))["accuracy"]
+        forgetting = evaluate(model_under_training, batches(a_eval, BATCH_SIZE, loaded.pad_id, shuffle=False),
+                              progress, f"{name}: task A (forgetting)")["accuracy"]
     folder = out_dir / f"case-{index}"
     if config is None:
         save_model_folder(loaded, folder)
@@ -158,11 +160,13 @@ class DemoReport:
     merged_reload_max_diff: float
 
 
-def _accuracy(loaded: LoadedModel, path: Path | None, seed: int, eval_fraction: float) -> float | None:
+def _accuracy(loaded: LoadedModel, path: Path | None, seed: int, eval_fraction: float,
+              progress: bool, desc: str) -> float | None:
     if path is None:
         return None
     _, eval_set = _dataset(loaded, path, seed, eval_fraction)
-    return evaluate(loaded.model, batches(eval_set, BATCH_SIZE, loaded.pad_id, shuffle=False))["accuracy"]
+    return evaluate(loaded.model, batches(eval_set, BATCH_SIZE, loaded.pad_id, shuffle=False),
+                    progress, desc)["accuracy"]
 
 
 PROBE_FILE = "lora-probe-logits.safetensors"
@@ -174,19 +178,26 @@ def _probe(loaded: LoadedModel, data: Path, seed: int) -> dict:
     return {k: probe[k] for k in ("input_ids", "attention_mask")}
 
 
-def _merge_check(model: str, data: Path, lora_folder: Path, out_dir: Path, seed: int) -> tuple[float, float, float]:
+def _merge_check(model: str, data: Path, lora_folder: Path, out_dir: Path, seed: int,
+                 progress: bool) -> tuple[float, float, float]:
     """Reload the LoRA adapter from disk onto a fresh base and compare with the outputs the
     trained model gave; merge it, write the merged model, read it back and compare again."""
+    phases = tqdm(total=4, desc="LoRA: reload, merge, save, read back", disable=not progress,
+                  dynamic_ncols=True)
     loaded = _load(model, data)
     inputs = _probe(loaded, data, seed)
     trained = load_file(str(out_dir / PROBE_FILE))["logits"]
-    with torch.no_grad():
+    with phases, torch.no_grad():
         pm = load(loaded.model, lora_folder)
         reloaded = pm(**inputs).logits
+        phases.update()
         loaded.model = pm.merge_and_unload()
         merged = loaded.model(**inputs).logits
+        phases.update()
         merged_folder = save_model_folder(loaded, out_dir / "lora-merged")
+        phases.update()
         merged_from_disk = load_model(merged_folder, task=loaded.task, progress=False).model(**inputs).logits
+        phases.update()
     diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
     return diff(reloaded, trained), diff(merged, reloaded), diff(merged_from_disk, reloaded)
 
@@ -199,9 +210,9 @@ def run_demo(out_dir: str | Path, *, model: str = "reference", data: str | Path 
         data, task_a = write_builtin_data(out_dir / "data", seed)
     else:
         data, task_a = Path(data), None
-    base = _load(model, data)  # builds and caches the task-A reference base on first use
-    b_before = _accuracy(base, data, seed, 0.2)
-    a_before = _accuracy(base, task_a, seed, 1.0)
+    base = _load(model, data, progress)  # builds and caches the task-A reference base on first use
+    b_before = _accuracy(base, data, seed, 0.2, progress, "base model: held-out task B")
+    a_before = _accuracy(base, task_a, seed, 1.0, progress, "base model: task A")
     del base
     cases = []
     # A fresh process per case: peak memory is then the case's own, and no state leaks.
@@ -210,7 +221,7 @@ def run_demo(out_dir: str | Path, *, model: str = "reference", data: str | Path 
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             cases.append(pool.submit(run_case, index, model, data, task_a, steps, seed, out_dir, progress).result())
     lora_folder = Path(next(c["folder"] for c in cases if c["name"].startswith("LoRA")))
-    reload_diff, merge_diff, merged_reload_diff = _merge_check(model, data, lora_folder, out_dir, seed)
+    reload_diff, merge_diff, merged_reload_diff = _merge_check(model, data, lora_folder, out_dir, seed, progress)
     return DemoReport(model=model, data=str(data), steps=steps, b_accuracy_before=b_before,
                       a_accuracy_before=a_before, cases=cases, lora_folder=lora_folder,
                       reload_max_diff=reload_diff, merge_max_diff=merge_diff,
