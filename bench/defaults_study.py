@@ -1,15 +1,15 @@
-"""Choosing peftkit's defaults on a validation split, never on bench/quality.py's held-out one.
+"""Choosing peftkit's defaults on a validation split, never on bench.quality's held-out one.
 
-bench/quality.py reports held-out accuracy with peftkit's defaults, so the defaults must not
+bench.quality reports held-out accuracy with peftkit's defaults, so the defaults must not
 be picked by looking at that held-out split. This study carves a validation split out of the
 *training* reviews (by movie again: 20 % of the training movies' reviews, seed 1), trains on
-the rest with quality.py's exact setup (MiniLM, batches of 32, 162 steps, warm-up then cosine,
+the rest with bench.quality's exact setup (MiniLM, batches of 32, 162 steps, warm-up then cosine,
 the head trained in full at 1e-3) and compares candidate setups on the validation reviews.
 
 Studies (``--study``):
 
   lora    LoRA on query,value and on all-linear, beside full fine-tuning (5e-5) as the reference:
-            plain      A and B at peftkit's width rate (2e-4 x sqrt(4096 / 384) = 6.5e-4 on MiniLM)
+            plain      A and B at peftkit's width rate (2e-4 x sqrt(4096 / hidden size))
             loraplus   LoRA+ (Hayou et al. 2024): B at 16 x A's rate, A at half the width rate,
                        as the LoRA+ authors advise (the ratio 2^4 and "eta_A slightly smaller,
                        by a factor of 2, than a vanilla LoRA rate"); peftkit's default since
@@ -20,7 +20,7 @@ Studies (``--study``):
             random     N(0, 1), Hugging Face PEFT's init (peftkit's default for a classifier
                        since this study)
 
-Usage:  python bench/defaults_study.py --study lora [--candidates plain,loraplus] [--seeds 42,43]
+Usage:  python -m bench.defaults_study --study lora [--candidates plain,loraplus] [--seeds 42,43]
 Writes OUT/defaults_<study>.json and prints a table (OUT defaults to bench/results).
 """
 
@@ -29,34 +29,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-import quality  # noqa: E402
-import rotten_tomatoes as rt  # noqa: E402
+from bench import harness
+from bench import rotten_tomatoes as rt
+from bench.quality.classification import run_classification
 
 VALIDATION_FRACTION, VALIDATION_SEED = 0.2, 1
 STUDIES = {  # study -> (cases, candidates); the reference case "full" runs once per seed
     "lora": (["full", "peftkit-qv", "peftkit-all-linear"], ["plain", "loraplus", "rate-1e-3"]),
     "prefix": (["peftkit-prefix"], ["vocab", "random"]),
 }
-MARKER = "@@DEFAULTS_STUDY@@ "
 
 
 def validation_rows() -> tuple[list[dict], list[dict]]:
     """(reviews to train on, validation reviews): the training side of the corpus's split,
-    split again by movie. No held-out review of bench/quality.py is in either."""
+    split again by movie. No held-out review of bench.quality is in either."""
     train, _ = rt.split()
     return rt.split_by_movie(train, VALIDATION_FRACTION, VALIDATION_SEED)
 
 
 def hooks_for(candidate: str):
-    """(regroup, adjust_config) for quality.run_classification: how ``candidate`` changes the
+    """(regroup, adjust_config) for run_classification: how ``candidate`` changes the
     optimizer groups or the config of peftkit's defaults (None: unchanged)."""
     from peftkit.train import LORA_PLUS_RATIO, default_parameter_groups
 
@@ -81,43 +77,39 @@ def worker(case: str, candidate: str, seed: int, args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    try:
-        quality.import_peftkit()
+
+    def measure() -> dict:
+        harness.import_peftkit()
         regroup, adjust_config = (None, None) if case == "full" else hooks_for(candidate)
-        row = quality.run_classification(case, seed, args, rows=validation_rows(), regroup=regroup,
-                                         adjust_config=adjust_config)
-        row = {k: v for k, v in row.items() if k != "step_s"}
-    except BaseException as exc:  # noqa: BLE001  (report, don't lose the other runs)
-        row = {"case": case, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
-    row["candidate"] = candidate
-    print(MARKER + json.dumps(row), flush=True)
+        row = run_classification(case, seed, args, rows=validation_rows(), regroup=regroup,
+                                 adjust_config=adjust_config)
+        return {**{k: v for k, v in row.items() if k != "step_s"}, "candidate": candidate}
+
+    harness.emit_result(measure, {"case": case, "seed": seed, "candidate": candidate})
 
 
 def run(case: str, candidate: str, seed: int, args) -> dict:
-    env = quality.worker_env(args.threads)
-    cmd = [sys.executable, __file__, "--study", args.study, "--worker", case, "--candidate", candidate,
-           "--seed", str(seed), "--threads", str(args.threads), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
-    return {"case": case, "candidate": candidate, "seed": seed,
-            "error": " | ".join(proc.stderr.strip().splitlines()[-3:])}
+    argv = ["--study", args.study, "--worker", case, "--candidate", candidate,
+            "--seed", str(seed), "--threads", str(args.threads), "--steps", str(args.steps)]
+    outcome = harness.run_worker("bench.defaults_study", argv, harness.worker_env(args.threads))
+    if outcome.result is not None:
+        return outcome.result
+    return {"case": case, "candidate": candidate, "seed": seed, "error": " | ".join(outcome.stderr_tail(3))}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.defaults_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), required=True)
     p.add_argument("--candidates", help="comma-separated (default: all of the study's)")
     p.add_argument("--seeds", default="42,43")
     p.add_argument("--steps", type=int, default=162)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--candidate", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    # quality.run_classification reads these from its own arguments.
+    # run_classification reads these from its own arguments.
     args.batch_size, args.eval_limit = 32, 0
     if args.worker:
         worker(args.worker, args.candidate, args.seed, args)

@@ -21,9 +21,9 @@ Two line formats, both read by ``peftkit.data`` and ``peftkit train``:
   follows the assistant tag), else a plain "Review: ...\\nSentiment (positive or negative):"
   with the answer after a space.
 
-Usage:
-    python bench/rotten_tomatoes.py --out data/rt                    # classification JSONL
-    python bench/rotten_tomatoes.py --out data/rt --format completion --tokenizer MODEL
+Usage (from the repository root):
+    python -m bench.rotten_tomatoes --out data/rt                    # classification JSONL
+    python -m bench.rotten_tomatoes --out data/rt --format completion --tokenizer MODEL
         (MODEL: a model folder, or a .gguf file whose tokenizer has a chat template)
 Writes OUT/train.jsonl and OUT/test.jsonl and prints their sizes.
 """
@@ -35,14 +35,14 @@ import bz2
 import csv
 import importlib.util
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench import harness
 
 CSV_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"fresh": "positive", "rotten": "negative"}  # "plot" rows are dropped
@@ -134,17 +134,7 @@ def answer_label(generated: str) -> str | None:
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
     """One JSON object per line, written aside and renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    harness.write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path
 
 
@@ -172,7 +162,7 @@ def load_tokenizer(model: str | Path) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.rotten_tomatoes", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and test.jsonl")
     p.add_argument("--format", choices=("classification", "completion"), default="classification")
     p.add_argument("--tokenizer", metavar="MODEL",

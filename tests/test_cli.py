@@ -89,10 +89,56 @@ def test_init_options_reach_the_prompt_and_the_prefix():
 
 
 def test_building_the_reference_base_shows_its_progress(tmp_path, monkeypatch, capsys):
-    from peftkit import demo, loading
+    from peftkit import loading, pretrain
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(demo, "BASE_STEPS", 2)
+    monkeypatch.setattr(pretrain, "BASE_STEPS", 2)
     folder = loading.reference_base(progress=True)
     assert (folder / "model.safetensors").is_file()
     assert "base model (task A)" in capsys.readouterr().err
+
+
+def test_train_preflight_prints_the_doctors_notes(capsys, monkeypatch):
+    """A probe the doctor could not run is said on screen, not passed over in silence."""
+    import sys
+
+    from peftkit import cli
+    from peftkit.doctor import DoctorReport
+
+    # peftkit.doctor is both the package and, on peftkit, the function: patch the package's.
+    monkeypatch.setattr(sys.modules["peftkit.doctor"], "doctor",
+                        lambda *a, **k: DoctorReport([], ["M11 probe could not run: no mask"]))
+    cli._doctor_preflight(object(), None, None)
+    assert "doctor note: M11 probe could not run: no mask" in capsys.readouterr().err
+
+
+def test_merge_exits_non_zero_when_the_merged_model_differs(tmp_path, monkeypatch, capsys):
+    """`peftkit merge` checks its own output; a merged model that computes something else is
+    an error (exit 1), not a line of numbers and exit 0."""
+    import torch
+
+    from peftkit import cli
+    from peftkit.model import PeftModel
+
+    adapter = tmp_path / "adapter"
+    assert cli.main(["train", "--model", "reference", "--data", str(_tiny_data(tmp_path)), "--steps", "1",
+                     "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    real_merge = PeftModel.merge_and_unload
+
+    def broken_merge(self):
+        model = real_merge(self)
+        with torch.no_grad():
+            next(model.parameters()).add_(0.5)  # what a wrong merge would do
+        return model
+
+    monkeypatch.setattr(PeftModel, "merge_and_unload", broken_merge)
+    code = cli.main(["merge", "--model", "reference", "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert code == 1
+    assert "differ from the adapter's" in capsys.readouterr().err
+
+
+def _tiny_data(folder):
+    path = folder / "data.jsonl"
+    path.write_text("".join('{"text": "ada has %d cups."}\n' % i for i in range(16)))
+    return path

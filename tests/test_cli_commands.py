@@ -15,7 +15,7 @@ import torch
 from conftest import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference
 from safetensors.torch import load_file
 
-from peftkit.demo import task_lines
+from peftkit.pretrain import task_lines
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import save_transformers_folder, tiny_llama, tiny_reference
 
-import peftkit.demo
+import peftkit.pretrain
 from peftkit.loading import ModelLoadError, load_model
 from peftkit.models import ReferenceDecoder
 
 
 def test_reference_is_built_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(peftkit.demo, "BASE_STEPS", 3)
+    monkeypatch.setattr(peftkit.pretrain, "BASE_STEPS", 3)
     first = load_model("reference", progress=False)
     assert isinstance(first.model, ReferenceDecoder)
     cached = list(tmp_path.iterdir())
@@ -119,3 +119,13 @@ def test_a_folder_with_one_gguf_is_that_file_and_with_two_must_be_named(tmp_path
     write_gguf(tmp_path / "b.gguf", "rwkv6")
     with pytest.raises(ModelLoadError, match="several .gguf files"):
         load_model(tmp_path)
+
+
+def test_a_truncated_safetensors_model_is_described_as_such(tmp_path, capsys):
+    from peftkit.cli import main
+
+    save_transformers_folder(tiny_llama(), tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["info", str(tmp_path / "llama")]) == 1  # a message, not a traceback
+    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err

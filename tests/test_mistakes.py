@@ -15,6 +15,7 @@ from conftest import randomize_adapters, tiny_llama, tiny_reference
 from torch import nn
 
 import peftkit
+from peftkit.adapter_files import adapter_tensors
 
 
 class HandLora(nn.Module):
@@ -224,7 +225,7 @@ def test_m10_saving_the_whole_model(tmp_path):
     pm.save(tmp_path / "adapter")
     adapter_file = tmp_path / "adapter" / "adapter_model.safetensors"
     keys = set(load_file(str(adapter_file)))
-    assert keys == set(pm.adapter_tensors("default"))
+    assert keys == set(adapter_tensors(pm, "default"))
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
     assert os.path.getsize(adapter_file) * 20 < os.path.getsize(full)
 
@@ -247,7 +248,7 @@ def test_m11_prefix_attention_mask_not_extended():
         # are given correctly, so the mask is the only thing wrong.)
         prefix = pm.input_adapters["prefix"]("default", 2, torch.float32)
         positions = masks.position_ids(masks.extend_attention_mask(mask, n), ids.shape[1])
-        cache = {integrations.cache_argument(pm.base_model): integrations.prefix_cache(prefix)}
+        cache = {integrations.cache_argument(pm.base_model): integrations.prefix_cache(pm.base_model, prefix)}
         wrong = pm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache).logits
         assert (wrong[1, 3:] - alone).abs().max() > 1e-2
         # peftkit: one mask builder extends the mask (prefix always attendable, padding still

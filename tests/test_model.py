@@ -151,3 +151,41 @@ def test_generate_goes_through_the_wrapped_model():
     out = llama.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6)
     assert llama.config.model_type == "llama"  # attributes reach the wrapped model
+
+
+def _tied_gpt2_with_embedding_lora():
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties them
+    pm = peftkit.attach(model, peftkit.LoraConfig(r=4, alpha=8, target_modules=["wte", "c_attn"]))
+    randomize_adapters(pm)
+    return pm
+
+
+def test_merging_lora_on_a_tied_embedding_leaves_the_output_head_alone():
+    pm = _tied_gpt2_with_embedding_lora()
+    head_before = pm.base_model.lm_head.weight.detach().clone()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = pm(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="lm_head.weight"):
+            merged_model = pm.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged_model.lm_head.weight, head_before)
+    assert merged_model.config.tie_word_embeddings is False
+
+
+def test_merged_tied_model_reloads_untied_with_the_same_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    pm = _tied_gpt2_with_embedding_lora()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = pm(input_ids=ids).logits
+    with pytest.warns(UserWarning):
+        pm.merge_and_unload().save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, unmerged, rtol=1e-5, atol=1e-5)

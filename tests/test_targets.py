@@ -10,6 +10,7 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_reference
 from torch import nn
 
 import peftkit
+from peftkit.adapter_files import adapter_tensors
 from peftkit.targets import find_targets
 
 
@@ -117,4 +118,4 @@ def test_minimal_saved_names_select_the_same_modules():
     assert names == ["attn.c_proj", "c_attn"]  # "c_proj" alone would also catch mlp.c_proj
     fresh = tiny_gpt2()
     assert paths(fresh, names) == sorted(pm.target_paths["default"])
-    assert torch.is_tensor(next(iter(pm.adapter_tensors("default").values())))
+    assert torch.is_tensor(next(iter(adapter_tensors(pm, "default").values())))

@@ -6,11 +6,12 @@
     pm = peftkit.load(fresh_model, "out/adapter")
 """
 
-from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig, config_from_dict
+from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .doctor import DoctorReport, Finding, doctor
-from .io import AdapterFileError, load
+from .formats.adapter_folder import AdapterFileError
 from .methods.lora import LoraEmbedding, LoraFunction, LoraLinear
-from .model import PeftModel, attach
+from .model import PeftModel, attach, load
+from .registry import config_from_dict
 
 __version__ = "0.1.0"
 

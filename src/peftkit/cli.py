@@ -70,44 +70,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-_METHOD_OPTIONS = {
-    "lora": ("r", "alpha", "dropout", "targets", "rslora"),
-    "adapter": ("bottleneck", "placement", "activation", "dropout", "targets"),
-    "prefix": ("virtual_tokens", "projection_dim", "init", "init_text"),
-    "prompt": ("virtual_tokens", "init", "init_text"),
-}
+def _given(value) -> bool:
+    """An option the user set: argparse leaves unset options None (flags False); 0 is a value."""
+    return value is not None and value is not False
 
 
 def _method_config(args: argparse.Namespace, tokenizer=None):
     """The method config from the command line; an option of another method is an error."""
-    from . import config as cfg
+    from . import registry
 
-    allowed = _METHOD_OPTIONS[args.method]
-    stray = [o for opts in _METHOD_OPTIONS.values() for o in opts
-             if o not in allowed and getattr(args, o) not in (None, False)]
+    method = registry.method_named(args.method)
+    stray = sorted({dest for other in registry.METHODS for dest in other.cli_options
+                    if dest not in method.cli_options and _given(getattr(args, dest))})
     if stray:
-        flags = ", ".join("--" + o.replace("_", "-") for o in sorted(set(stray)))
+        flags = ", ".join("--" + o.replace("_", "-") for o in stray)
         raise ValueError(f"{flags} do(es) not apply to --method {args.method}.")
-    given = {k: getattr(args, k) for k in allowed if getattr(args, k) not in (None, False)}
-    targets = given.pop("targets", None)
+    kwargs = {field: getattr(args, dest) for dest, field in method.cli_options.items() if _given(getattr(args, dest))}
+    targets = kwargs.get("target_modules")
     if targets is not None and targets not in ("attention", "all-linear"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if args.method == "lora":
-        rename = {"rslora": "use_rslora"}
-        kwargs = {rename.get(k, k): v for k, v in given.items()}
-        return cfg.LoraConfig(target_modules=targets, **kwargs)
-    if args.method == "adapter":
-        return cfg.AdapterConfig(target_modules=targets, **given)
-    if args.method == "prefix":
-        init = given.get("init")  # None: the config's default ("vocab", or "random" with an MLP)
-        return cfg.PrefixConfig(num_virtual_tokens=given.get("virtual_tokens", 20),
-                                projection_dim=given.get("projection_dim"), init=init,
-                                init_text=given.get("init_text"),
-                                tokenizer=tokenizer if init == "text" else None)
-    init = given.get("init", "random")
-    return cfg.PromptConfig(num_virtual_tokens=given.get("virtual_tokens", 20), init=init,
-                            init_text=given.get("init_text"),
-                            tokenizer=tokenizer if init == "text" else None)
+        kwargs["target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
+    if kwargs.get("init") == "text":
+        kwargs["tokenizer"] = tokenizer
+    return method.config_class(**kwargs)
 
 
 def _fail(message: str) -> int:
@@ -128,6 +112,8 @@ def _doctor_preflight(model, optimizer, batch) -> None:
         raise PreflightFailed(str(report))
     for finding in report.warnings:
         print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
+    for note in report.notes:  # probes that could not run: say so rather than pass in silence
+        print(f"doctor note: {note}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -162,7 +148,7 @@ def _rate_split(rates: dict[str, float]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError, read_jsonl
-    from .io import AdapterFileError
+    from .formats.adapter_folder import AdapterFileError
     from .loading import ModelLoadError, load_model
     from .train import RunFolderError, RunOptions, run_training
 
@@ -210,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 1 when the report has an error, 0 otherwise, 2 for input that cannot be used."""
     from .doctor import doctor
-    from .io import AdapterFileError, load
+    from .model import load
+    from .formats.adapter_folder import AdapterFileError
     from .loading import ModelLoadError, load_model
 
     try:
@@ -234,7 +221,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold a LoRA adapter into the base weights and write a plain model folder."""
     import torch
 
-    from .io import AdapterFileError, load, read_config
+    from .model import load
+    from .formats.adapter_folder import AdapterFileError
+    from .formats.peft_config import read_config
     from .loading import ModelLoadError, load_model, save_model_folder
 
     try:
@@ -255,18 +244,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
             again = reloaded.model(input_ids=ids).logits
     except (AdapterFileError, ModelLoadError, ValueError) as e:
         return _fail(str(e))
+    merge_diff, reload_diff = (merged - unmerged).abs().max().item(), (again - unmerged).abs().max().item()
     print(_table([
         ("merged model", str(out)),
-        ("merged vs unmerged", f"max |logit diff| = {(merged - unmerged).abs().max().item():.2e}"),
-        ("reloaded vs unmerged", f"max |logit diff| = {(again - unmerged).abs().max().item():.2e}"),
+        ("merged vs unmerged", f"max |logit diff| = {merge_diff:.2e}"),
+        ("reloaded vs unmerged", f"max |logit diff| = {reload_diff:.2e}"),
     ]))
+    tolerance = _merge_tolerance(unmerged)
+    if not max(merge_diff, reload_diff) <= tolerance:  # NaN fails too
+        print(f"error: the merged model's logits differ from the adapter's by more than {tolerance:.2g}; "
+              f"{out} does not compute what the adapter did. Report this, and serve the adapter unmerged "
+              "(peftkit.load) meanwhile.", file=sys.stderr)
+        return 1
     return 0
+
+
+def _merge_tolerance(logits) -> float:
+    """How far merged logits may drift from unmerged ones: float rounding of W + s·B A, about
+    1e-4 of the logits' scale in float32 and 3e-2 of it in 16-bit weights."""
+    import torch
+
+    relative = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    return relative * max(1.0, logits.abs().max().item())
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``)."""
     from .export import export_gguf_lora, read_gguf_lora
-    from .io import AdapterFileError
+    from .formats.adapter_folder import AdapterFileError
 
     try:
         out = export_gguf_lora(args.adapter, args.gguf, base=args.model, dtype=args.dtype,
@@ -291,7 +296,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     (exit 1)."""
     from pathlib import Path
 
-    from .io import CONFIG_NAME, AdapterFileError, read_config, read_tensors
+    from .formats.adapter_folder import CONFIG_NAME, LAYER_PREFIX, AdapterFileError, read_tensors
+    from .formats.peft_config import read_config
 
     folder = Path(args.path)
     if args.path == "reference" or not (folder / CONFIG_NAME).is_file() and (
@@ -305,7 +311,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 1
     settings = {k: v for k, v in config.to_dict().items()
                 if k not in ("peft_type", "target_modules", "base_model_name_or_path", "task_type") and v is not None}
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    modules = sorted({k.removeprefix(LAYER_PREFIX).rsplit(".", 2)[0] for k in tensors})
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     rows = [
         ("method", config.peft_type),
@@ -339,7 +345,8 @@ def _model_info(path) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .io import AdapterFileError, load
+    from .model import load
+    from .formats.adapter_folder import AdapterFileError
     from .loading import ModelLoadError, load_model
 
     try:
@@ -399,6 +406,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import registry
+
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning without the classic mistakes.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compare full fine-tuning and the four methods on one task (built-in or yours)")
@@ -414,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an adapter on a JSONL file")
     train.add_argument("--model", required=True, help="'reference' or a local model folder")
     train.add_argument("--data", required=True, help="JSONL: {text} | {prompt, completion} | {text, label} | {input_ids[, labels]}")
-    train.add_argument("--method", choices=sorted(_METHOD_OPTIONS), default="lora")
+    train.add_argument("--method", choices=[m.name for m in registry.METHODS], default="lora")
     train.add_argument("--out", required=True, help="output folder (run.json, train_log.jsonl, checkpoints/, adapter/)")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")

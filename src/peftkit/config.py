@@ -24,6 +24,22 @@ def _check_positive_int(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}.")
 
 
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool, a string, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_dropout(owner: str, value: Any) -> None:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.dropout must be a number in [0, 1), got {value!r}.")
+
+
+def _check_flag(owner: str, name: str, value: Any) -> None:
+    # "false" in a JSON file is a string, and bool("false") is True: only real booleans pass.
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}.")
+
+
 class _DictMixin:
     """JSON round trip shared by the method configs; unknown fields are errors.
 
@@ -61,6 +77,12 @@ class _DictMixin:
         return cls(**data)
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor s in h = W x + s · B A x: alpha / r, or alpha / sqrt(r) with rsLoRA
+    (Kalajdzievski 2023). The one place the formula is written."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass
 class LoraConfig(_DictMixin):
     """Low-rank adaptation: h = W x + s · B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
@@ -92,15 +114,14 @@ class LoraConfig(_DictMixin):
 
     def __post_init__(self) -> None:
         self._check_modules_to_save()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        _check_positive_int("LoraConfig", "r", self.r)
+        if not _is_real(self.alpha) or self.alpha <= 0:
             raise ValueError(
-                f"LoraConfig.alpha must be a positive number, got {self.alpha!r} "
+                f"LoraConfig.alpha must be a finite positive number, got {self.alpha!r} "
                 "(a common choice is alpha = 2 * r)."
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        _check_dropout("LoraConfig", self.dropout)
+        _check_flag("LoraConfig", "use_rslora", self.use_rslora)
         if self.bias not in BIAS_MODES:
             raise ValueError(
                 f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}."
@@ -113,13 +134,17 @@ class LoraConfig(_DictMixin):
                     "LoraConfig.target_modules must be a non-empty list of module names, a "
                     f"regex string, a preset or None; got {self.target_modules!r}."
                 )
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+        elif isinstance(self.target_modules, str):
+            if not self.target_modules.strip():
+                raise ValueError("LoraConfig.target_modules is an empty string; pass module names, a regex, "
+                                 "a preset ('attention', 'all-linear') or None for the architecture's default.")
+        elif self.target_modules is not None:
             raise ValueError(f"LoraConfig.target_modules has an unsupported type: {self.target_modules!r}.")
 
     @property
     def scaling(self) -> float:
         """The factor s in h = W x + s · B A x."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -175,8 +200,9 @@ class AdapterConfig(_DictMixin):
             raise ValueError(f"AdapterConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        _check_dropout("AdapterConfig", self.dropout)
+        if not _is_real(self.scaling):
+            raise ValueError(f"AdapterConfig.scaling must be a finite number, got {self.scaling!r}.")
         if self.target_modules is not None and (
                 not isinstance(self.target_modules, list) or not self.target_modules
                 or not all(isinstance(t, str) and t for t in self.target_modules)):
@@ -277,22 +303,6 @@ class PromptConfig(_DictMixin):
 PeftConfig = LoraConfig | AdapterConfig | PrefixConfig | PromptConfig
 """Any method config."""
 
-CONFIG_TYPES: dict[str, type] = {
-    cls.peft_type: cls for cls in (LoraConfig, AdapterConfig, PrefixConfig, PromptConfig)
-}
-
-
-def config_from_dict(data: dict[str, Any]) -> PeftConfig:
-    """Build the right config class from a dict that names its ``peft_type``."""
-    peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_TYPES:
-        raise ValueError(
-            f"unknown peft_type {peft_type!r}; peftkit reads {sorted(CONFIG_TYPES)}."
-        )
-    return CONFIG_TYPES[peft_type].from_dict(data)
-
-
 __all__ = [
-    "AdapterConfig", "CONFIG_TYPES", "LoraConfig", "PeftConfig", "PrefixConfig", "PromptConfig",
-    "TargetSpec", "config_from_dict",
+    "AdapterConfig", "LoraConfig", "PeftConfig", "PrefixConfig", "PromptConfig", "TargetSpec", "lora_scaling",
 ]

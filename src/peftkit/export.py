@@ -31,11 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
 import re
-import secrets
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +39,10 @@ import numpy as np
 import torch
 
 from .config import LoraConfig
-from .io import read_config, read_tensors
+from .formats.adapter_folder import LAYER_PREFIX, read_tensors
+from .formats.gguf import LLAMA_LORA_TENSORS, GgufError, gguf_package, read_header, write_lora_adapter
+from .formats.peft_config import read_config
 
-# Hugging Face Llama module -> llama.cpp tensor: the weights llama.cpp applies a LoRA to.
-LLAMA_TENSORS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -89,85 +81,19 @@ class GgufLoraSummary:
 
 
 # -- the base model -------------------------------------------------------------------
-def _gguf_module():
+def _require_gguf() -> None:
     try:
-        import gguf
+        gguf_package()
     except ImportError as e:
-        raise ExportError("exporting to GGUF needs the 'gguf' package: pip install gguf") from e
-    return gguf
-
-
-# GGUF value type -> struct format of a scalar (8 is a string, 9 an array).
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_ARRAY = object()  # stands for an array value, which the header reader skips
-
-
-def _read_gguf_header(path: Path) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
-    """Metadata (arrays replaced by a marker) and tensor shapes (torch order, outermost
-    first) of a little-endian GGUF v2/v3 file, read from its header alone.
-
-    gguf.GGUFReader parses every array element in Python, which for a model's vocabulary
-    takes seconds (about 10 s for SmolLM2's 49k tokens); the arrays are only stepped over here.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
-
-        def take(fmt: str):
-            nonlocal pos
-            values = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize("<" + fmt)
-            return values[0] if len(values) == 1 else values
-
-        def string() -> str:
-            nonlocal pos
-            n = take("Q")
-            pos += n
-            return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
-
-        def value(vtype: int):
-            nonlocal pos
-            if vtype == 8:
-                return string()
-            if vtype != 9:
-                return take(_GGUF_SCALARS[vtype])
-            item, count = take("IQ")
-            if item == 8:
-                for _ in range(count):
-                    n = take("Q")  # not `pos += take(...)`: that adds to the value before take moved it
-                    pos += n
-            elif item in _GGUF_SCALARS:
-                pos += count * struct.calcsize(_GGUF_SCALARS[item])
-            else:  # arrays of arrays exist in the format but not in llama.cpp models
-                for _ in range(count):
-                    value(item)
-            return _ARRAY
-
-        magic, version = take("4sI")
-        if magic != b"GGUF" or version not in (2, 3):
-            raise ExportError(f"{path} is not a GGUF v2/v3 file peftkit can read (magic {magic!r}, version "
-                              f"{version}); pass the base model's .gguf file or its transformers folder as --model.")
-        n_tensors, n_kv = take("QQ")
-        metadata = {}
-        for _ in range(n_kv):
-            key = string()
-            metadata[key] = value(take("I"))
-        shapes = {}
-        for _ in range(n_tensors):
-            name = string()
-            dims = take("I")
-            shapes[name] = tuple(reversed(struct.unpack_from(f"<{dims}Q", buf, pos)))
-            pos += 8 * dims + 12  # the dims, then the type (uint32) and the data offset (uint64)
-    return metadata, shapes
+        raise ExportError(f"exporting to GGUF {e}") from e
 
 
 def _base_from_gguf(path: Path) -> BaseShape:
     try:
-        metadata, shapes = _read_gguf_header(path)
-    except (struct.error, KeyError, ValueError, OSError) as e:
-        if isinstance(e, ExportError):
-            raise
-        raise ExportError(f"{path} is not a readable GGUF file ({e!r}); pass the base model's .gguf file or its "
-                          "transformers folder as --model.") from e
+        header = read_header(path)
+    except GgufError as e:
+        raise ExportError(f"{e}; pass the base model's .gguf file or its transformers folder as --model.") from e
+    metadata = header.metadata
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ExportError(f"{path} is a {arch!r} model; peftkit exports LoRA adapters for llama-architecture "
@@ -181,7 +107,7 @@ def _base_from_gguf(path: Path) -> BaseShape:
     if not isinstance(head_count, int) or not isinstance(head_count_kv, int):
         raise ExportError(f"{path} gives per-layer head counts; peftkit exports adapters for models with one "
                           "head count for every layer.")
-    weights = {name: shape for name, shape in shapes.items() if len(shape) == 2}
+    weights = {name: t.shape for name, t in header.tensors.items() if len(t.shape) == 2}
     return BaseShape(str(path), head_count, head_count_kv, weights)
 
 
@@ -240,16 +166,16 @@ def _lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     refused: list[str] = []
     for key, tensor in tensors.items():
         match = _LORA_KEY.fullmatch(key)
-        if match is None or match.group(2) not in LLAMA_TENSORS:
-            refused.append(key.removeprefix("base_model.model."))
+        if match is None or match.group(2) not in LLAMA_LORA_TENSORS:
+            refused.append(key.removeprefix(LAYER_PREFIX))
             continue
         layer, module, which = match.groups()
-        pairs.setdefault(f"blk.{layer}.{LLAMA_TENSORS[module]}.weight", {})[which] = tensor
+        pairs.setdefault(f"blk.{layer}.{LLAMA_LORA_TENSORS[module]}.weight", {})[which] = tensor
     if refused:
         shown = ", ".join(refused[:4]) + (" ..." if len(refused) > 4 else "")
         raise ExportError(
             f"llama.cpp cannot apply these adapter tensors: {shown} ({len(refused)} in all). It takes a LoRA "
-            f"only on the decoder layers' {', '.join(LLAMA_TENSORS)} (no embeddings, no lm_head, no trained "
+            f"only on the decoder layers' {', '.join(LLAMA_LORA_TENSORS)} (no embeddings, no lm_head, no trained "
             "biases). Train with target_modules limited to those (e.g. 'all-linear'), or merge the adapter "
             "with 'peftkit merge' and convert the merged model instead.")
     for name, pair in pairs.items():
@@ -301,33 +227,6 @@ def gguf_alpha(config: LoraConfig) -> float:
     return config.alpha * math.sqrt(config.r) if config.use_rslora else float(config.alpha)
 
 
-# -- writing --------------------------------------------------------------------------
-def _write_gguf(out_path: Path, alpha: float, dtype: str, arrays: list[tuple[str, np.ndarray]]) -> None:
-    """Write the file beside ``out_path`` and rename it into place, so that a failure
-    leaves no file (or the previous one)."""
-    gguf = _gguf_module()
-    # A fresh name rather than mkstemp: the file gets the usual permissions, not 0600.
-    tmp = out_path.parent / f".{out_path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
-        for name, array in arrays:
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path, *, base: str | Path | None = None,
                      dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the LoRA adapter in ``adapter_dir`` as a llama.cpp GGUF LoRA file.
@@ -343,7 +242,7 @@ def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path, *, base: str
     Raises ``ExportError`` (a ValueError) or ``AdapterFileError`` with the problem and the fix.
     """
     out_path = Path(out_path)
-    _gguf_module()  # fail before any work when the writer is missing
+    _require_gguf()  # fail before any work when the writer is missing
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     if out_path.is_dir():
@@ -361,22 +260,19 @@ def export_gguf_lora(adapter_dir: str | Path, out_path: str | Path, *, base: str
     _check_shapes(pairs, config.r, shape)
     arrays = _gguf_tensors(pairs, shape, _DTYPES[dtype])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_gguf(out_path, gguf_alpha(config), dtype, arrays)
-    return out_path
+    return write_lora_adapter(out_path, "llama", gguf_alpha(config), dtype, arrays)
 
 
 def read_gguf_lora(path: str | Path) -> GgufLoraSummary:
     """Summarise a GGUF LoRA file from its own contents (what llama.cpp will see)."""
-    path = Path(path)
-    reader = _gguf_module().GGUFReader(path)
-    alpha = reader.fields.get("adapter.lora.alpha")
-    lora_a = [t for t in reader.tensors if t.name.endswith(".lora_a")]
+    header = read_header(path)
+    lora_a = [t for name, t in header.tensors.items() if name.endswith(".lora_a")]
     return GgufLoraSummary(
-        path=path, tensors=len(reader.tensors),
-        layers=len({t.name.split(".")[1] for t in reader.tensors}),
-        targets=sorted({t.name.split(".")[2] for t in reader.tensors}),
-        rank=int(lora_a[0].shape[1]) if lora_a else 0,
-        alpha=float(alpha.contents()) if alpha is not None else float("nan"),
-        dtype=", ".join(sorted({t.tensor_type.name for t in reader.tensors})),
-        size=path.stat().st_size,
+        path=Path(path), tensors=len(header.tensors),
+        layers=len({name.split(".")[1] for name in header.tensors}),
+        targets=sorted({name.split(".")[2] for name in header.tensors}),
+        rank=lora_a[0].shape[0] if lora_a else 0,
+        alpha=float(header.metadata.get("adapter.lora.alpha", float("nan"))),
+        dtype=", ".join(sorted(header.tensor_types())),
+        size=Path(path).stat().st_size,
     )

@@ -50,11 +50,10 @@ def accepts_argument(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def native_prefix(model: nn.Module) -> bool:
-    """True for a model that declares its own prefix hook, ``forward(prefix_key_values=...)``
-    (peftkit's reference decoder): the model then keeps the prefix out of its mask,
-    cache and positions itself."""
-    return accepts_argument(model, "prefix_key_values")
+def is_transformers_model(model: nn.Module) -> bool:
+    """True for a model class defined in transformers (it takes transformers' ``Cache``
+    objects); any other model gets the plain tuple-of-layers cache."""
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
 
 
 def cache_argument(model: nn.Module) -> str | None:
@@ -79,14 +78,18 @@ def cache_argument(model: nn.Module) -> str | None:
     return None
 
 
-def prefix_cache(key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A new transformers ``DynamicCache`` whose first N positions are the prefix.
+def prefix_cache(model: nn.Module, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A new KV cache whose first N positions are the prefix: a transformers
+    ``DynamicCache`` for a transformers model, else the tuple of per-layer (key, value)
+    that other decoders (peftkit's reference one) take.
 
-    A cache grows in place as the model runs, so one made per call is the only safe kind:
-    a cache kept and reused would hand each call the tokens of the one before. The prefix
-    tensors themselves are not modified (the cache concatenates into new tensors), and
-    gradients flow back to them.
+    A transformers cache grows in place as the model runs, so one made per call is the only
+    safe kind: a cache kept and reused would hand each call the tokens of the one before.
+    The prefix tensors themselves are not modified (the cache concatenates into new
+    tensors), and gradients flow back to them.
     """
+    if not is_transformers_model(model):
+        return tuple(tuple(kv) for kv in key_values)
     from transformers import DynamicCache
 
     return DynamicCache(list(key_values))
@@ -97,14 +100,14 @@ def token_key_values(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Te
     (key, value) per layer, each (1, num_kv_heads, N, head_dim), the cache the tokens leave.
 
     Runs in eval mode without gradients. A transformers model fills an empty cache handed
-    to it (encoders such as BERT too, the way prefix tuning feeds them); a native-prefix
-    model returns its cache.
+    to it (encoders such as BERT too, the way prefix tuning feeds them); any other model
+    returns its cache.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if native_prefix(model):
+            if not is_transformers_model(model):
                 return [tuple(kv) for kv in output_cache(model(input_ids=ids, use_cache=True))]
             from transformers import DynamicCache
 

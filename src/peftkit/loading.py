@@ -11,7 +11,6 @@ with ``local_files_only=True``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .formats.gguf import GgufError, GgufHeader, read_header
 from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
 
 REFERENCE = "reference"
@@ -77,7 +77,7 @@ def cache_dir() -> Path:
 
 def reference_base(progress: bool = True) -> Path:
     """The reference decoder trained on task A, built by peftkit's own code on first use."""
-    from .demo import BASE_STEPS, BASE_SEED, pretrain_base
+    from .pretrain import BASE_STEPS, BASE_SEED, pretrain_base
 
     folder = cache_dir() / f"reference-task-a-s{BASE_SEED}-n{BASE_STEPS}"
     if (folder / "model.safetensors").is_file():
@@ -170,45 +170,17 @@ def gguf_file_in(path: Path) -> Path | None:
     return None
 
 
-@dataclass(frozen=True)
-class GgufSummary:
-    """What a GGUF file's header says: architecture, tensor count and storage types."""
-
-    path: Path
-    architecture: str
-    tensor_types: dict[str, int]  # e.g. {"Q4_1": 210, "F32": 61}
-    metadata: dict[str, Any]      # scalar metadata fields (tokenizer arrays left out)
-    tensor_names: frozenset[str]
-
-
-def read_gguf_header(path: str | Path) -> GgufSummary:
+def read_gguf_header(path: str | Path) -> GgufHeader:
     """Parse a GGUF file's header (no weights are dequantized), or say why it cannot be read."""
-    path = Path(path)
     try:
-        import gguf
+        header = read_header(path)
     except ImportError as e:
-        raise ModelLoadError(f"{path} is a GGUF file; reading it needs the gguf package: pip install gguf "
-                             "(or pip install 'peftkit[gguf]').") from e
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a damaged file
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
-                             "or corrupt. Copy or download it again.") from e
-    metadata: dict[str, Any] = {}
-    for key, field_ in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and len(field_.data) > 1:
-            continue  # the vocabulary and merges: large, and not metadata a user reads
-        try:
-            metadata[key] = field_.contents()
-        except Exception:  # noqa: BLE001 - an exotic field type is left out of the summary
-            continue
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    architecture = str(metadata.get("general.architecture", ""))
-    if not architecture:
+        raise ModelLoadError(f"{path} is a GGUF file; reading it {e}") from e
+    except GgufError as e:
+        raise ModelLoadError(f"{e}. Copy or download it again.") from e
+    if not header.architecture:
         raise ModelLoadError(f"{path} has no general.architecture field; it is not a model GGUF (an adapter?).")
-    return GgufSummary(path, architecture, types, metadata, frozenset(t.name for t in reader.tensors))
+    return header
 
 
 def _supported_gguf_architectures() -> list[str]:
@@ -217,21 +189,21 @@ def _supported_gguf_architectures() -> list[str]:
     return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
 
 
-def _check_gguf(path: Path) -> GgufSummary:
+def _check_gguf(path: Path) -> GgufHeader:
     """The header of a GGUF that transformers can dequantize, or a clear error."""
-    summary = read_gguf_header(path)
-    if summary.metadata.get("general.type") == "adapter":
+    header = read_gguf_header(path)
+    if header.metadata.get("general.type") == "adapter":
         raise ModelLoadError(f"{path} is a GGUF adapter (LoRA), not a model; pass the base model's .gguf as "
                              "--model.")
     try:
         supported = _supported_gguf_architectures()
     except ImportError as e:
         raise ModelLoadError("loading a .gguf file needs transformers: pip install 'peftkit[hf]'.") from e
-    if summary.architecture not in supported:
+    if header.architecture not in supported:
         raise ModelLoadError(
-            f"{path}: transformers cannot dequantize GGUF architecture {summary.architecture!r} (it reads "
+            f"{path}: transformers cannot dequantize GGUF architecture {header.architecture!r} (it reads "
             f"{supported}). Convert the original checkpoint to a transformers folder and pass that instead.")
-    return summary
+    return header
 
 
 def _load_gguf(path: Path, task: str, num_labels: int | None) -> LoadedModel:
@@ -270,26 +242,18 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     """The transformers config dict a GGUF file describes, from its header alone, with
     transformers' own table of GGUF names (``llama.block_count`` -> ``num_hidden_layers``).
     The output head is tied to the embeddings when the file stores no ``output.weight``."""
-    path = Path(path).resolve()
-    return dict(_gguf_config(path, path.stat().st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _gguf_config(path: Path, mtime_ns: int) -> dict[str, Any]:
-    # Parsing a header means reading the whole vocabulary (seconds for 50k tokens), and
-    # `peftkit compare` builds the model once per method: parse each file version once.
-    summary = _check_gguf(path)
+    header = _check_gguf(Path(path))
     from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_MAPPING
 
-    arch = summary.architecture
+    arch = header.architecture
     config: dict[str, Any] = {"model_type": arch}
     for gguf_name, hf_name in GGUF_CONFIG_MAPPING.get(arch, {}).items():
-        value = summary.metadata.get(f"{arch}.{gguf_name}")
+        value = header.metadata.get(f"{arch}.{gguf_name}")
         if hf_name is not None and value is not None:
             config[hf_name] = value
-    if "vocab_size" not in config and "token_embd.weight" in summary.tensor_names:
-        config["vocab_size"] = summary.metadata.get("tokenizer.ggml.vocab_size")
-    config["tie_word_embeddings"] = "output.weight" not in summary.tensor_names
+    if "vocab_size" not in config and "token_embd.weight" in header.tensors:
+        config["vocab_size"] = header.metadata.get("tokenizer.ggml.vocab_size")
+    config["tie_word_embeddings"] = "output.weight" not in header.tensors
     return {k: v for k, v in config.items() if v is not None}
 
 
@@ -340,8 +304,8 @@ def describe_model(path: str | Path) -> dict[str, str]:
         "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
     }
     if gguf_file:
-        summary = read_gguf_header(gguf_file)
-        facts["storage"] = ", ".join(f"{n} x {t}" for t, n in sorted(summary.tensor_types.items(), key=lambda kv: -kv[1]))
+        types = read_gguf_header(gguf_file).tensor_types()
+        facts["storage"] = ", ".join(f"{n} x {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
         facts["size on disk"] = f"{gguf_file.stat().st_size / 2**20:.1f} MB"
     elif path.is_dir():
         facts["storage"] = _stored_dtypes(path)
@@ -354,16 +318,20 @@ def describe_model(path: str | Path) -> dict[str, str]:
 
 def _stored_dtypes(folder: Path) -> str:
     """The dtypes of a folder's safetensors weights, read from the file header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = folder / "model.safetensors"
     if not file.is_file():
         return "(sharded or not safetensors)"
-    with safe_open(file, framework="pt") as weights:
-        counts: dict[str, int] = {}
-        for name in weights.keys():
-            dtype = weights.get_slice(name).get_dtype()
-            counts[dtype] = counts.get(dtype, 0) + 1
+    counts: dict[str, int] = {}
+    try:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                dtype = weights.get_slice(name).get_dtype()
+                counts[dtype] = counts.get(dtype, 0) + 1
+    except SafetensorError as e:
+        raise ModelLoadError(f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt. "
+                             "Copy or download it again.") from e
     return ", ".join(f"{n} x {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 

@@ -18,27 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import integrations, masks, targets
-from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
-from .methods.adapter import AdapterWrapper
+from . import adapter_files, integrations, registry, targets, virtual_tokens
+from .attachers import default_prefix_init
+from .config import PeftConfig, PrefixConfig
 from .methods.base import AdapterModule, adapter_modules
-from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
+from .methods.lora import LoraLayer
 from .methods.prefix import PrefixEncoder
-from .methods.prompt import PromptEncoder, init_token_ids, initial_prompt
+from .methods.prompt import PromptEncoder
 from .methods.trained_copy import TrainedCopy
-
-INPUT_CONFIGS = (PromptConfig, PrefixConfig)
-"""Methods that put virtual tokens in front of the input instead of changing layers."""
-ATTACHABLE_CONFIGS = (LoraConfig, AdapterConfig, PromptConfig, PrefixConfig)
-"""Every method ``add_adapter`` attaches."""
-
-
-def default_prefix_init(model: nn.Module) -> str:
-    """How a prefix starts when its config leaves ``init`` open: ``"random"`` (N(0, 1)) on a
-    sequence classifier, whose head is new anyway, else ``"vocab"`` (the model's own keys and
-    values of vocabulary tokens), so that a language model's first outputs stay its own.
-    PrefixConfig's docstring gives the measurements."""
-    return "random" if integrations.is_sequence_classifier(model) else "vocab"
 
 
 class PeftModel(nn.Module):
@@ -82,16 +69,12 @@ class PeftModel(nn.Module):
             raise ValueError(f"an adapter named {name!r} already exists; pick another name.")
         if self._lora_layers_merged():
             raise RuntimeError("adapters are merged into the weights; unmerge() before adding another.")
-        if type(config) not in ATTACHABLE_CONFIGS:
-            raise TypeError(f"unsupported config type {type(config).__name__}; "
-                            f"peftkit attaches {[c.__name__ for c in ATTACHABLE_CONFIGS]}.")
+        method = registry.method_for(config)
         if isinstance(config, PrefixConfig) and config.init is None:
             config = dataclasses.replace(config, init=default_prefix_init(self.base_model))
         copies = targets.trained_copy_paths(self.base_model, config.modules_to_save)
-        # LoRA needs the copies too: it leaves the layers inside them alone.
-        attachers = {LoraConfig: lambda c, n: self._add_lora(c, n, copies), AdapterConfig: self._add_bottleneck,
-                     PromptConfig: self._add_prompt, PrefixConfig: self._add_prefix}
-        self.target_paths[name] = attachers[type(config)](config, name)
+        # The attacher gets the copies too: LoRA leaves the layers inside them alone.
+        self.target_paths[name] = method.attach(self, config, name, copies)
         # Recorded as resolved, so the config says what was done (as a reloaded file does).
         self.configs[name] = dataclasses.replace(config, modules_to_save=copies)
         self.trained_copy_paths[name] = []
@@ -115,80 +98,6 @@ class PeftModel(nn.Module):
         self.base_model.set_submodule(path, copy)
         return copy
 
-    def _add_lora(self, config: LoraConfig, name: str, trained_in_full: list[str]) -> list[str]:
-        """Wrap every targeted layer (or add to its existing LoRA wrapper) outside the modules
-        ``trained_in_full``; return their paths."""
-        chosen = targets.find_targets(self.base_model, config.target_modules, trained_in_full)
-        targets.check_rank(chosen, config.r)
-        for target in chosen:
-            self._lora_layer_at(target).add_adapter(
-                name, config.r, config.alpha, config.dropout, config.use_rslora,
-                train_bias=config.bias == "lora_only",
-            )
-        return [t.path for t in chosen]
-
-    def _lora_layer_at(self, target: targets.Target) -> LoraLayer:
-        module = self.base_model.get_submodule(target.path)
-        if isinstance(module, LoraLayer):
-            return module
-        layer = LoraEmbedding(module) if target.kind == "embedding" else LoraLinear(
-            module, fan_in_fan_out=target.kind == "conv1d")
-        self.base_model.set_submodule(target.path, layer)
-        return layer
-
-    def _add_bottleneck(self, config: AdapterConfig, name: str) -> list[str]:
-        """Put a bottleneck adapter at every site of ``config.placement``; return their paths."""
-        sites = targets.adapter_sites(self.base_model, config)
-        for site in sites:
-            wrapper = self.base_model.get_submodule(site.path)
-            if not isinstance(wrapper, AdapterWrapper):
-                wrapper = AdapterWrapper(wrapper)
-                self.base_model.set_submodule(site.path, wrapper)
-            wrapper.add_adapter(name, site.width, config.bottleneck, mode=site.mode,
-                                activation=config.activation, dropout=config.dropout,
-                                scaling=config.scaling)
-        return [site.path for site in sites]
-
-    def _add_prompt(self, config: PromptConfig, name: str) -> list[str]:
-        """Learn N embeddings that are prepended to the input embeddings (M7); no layer is
-        replaced, so there are no target paths."""
-        model = self.base_model
-        self._check_input_side_supported(model, "prompt tuning")
-        if not integrations.accepts_argument(model, "inputs_embeds"):
-            raise ValueError(f"prompt tuning feeds embeddings, but {type(model).__name__}.forward "
-                             "takes no inputs_embeds.")
-        init = initial_prompt(config, model.get_input_embeddings())
-        if "prompt" not in self.input_adapters:
-            self.input_adapters["prompt"] = PromptEncoder(init.shape[1])
-        self.input_adapters["prompt"].add_adapter(name, init)
-        return []
-
-    def _add_prefix(self, config: PrefixConfig, name: str) -> list[str]:
-        """Learn N keys and values per attention layer (M11); no layer is replaced."""
-        model = self.base_model
-        self._check_input_side_supported(model, "prefix tuning")
-        if not integrations.native_prefix(model) and integrations.cache_argument(model) is None:
-            raise ValueError(
-                f"prefix tuning hands the prefix to the model as the start of its KV cache, but "
-                f"{type(model).__name__}.forward takes no cache (cache / past_key_values) and no "
-                "prefix_key_values."
-            )
-        if "prefix" not in self.input_adapters:
-            self.input_adapters["prefix"] = PrefixEncoder(*integrations.attention_geometry(model))
-        device = next(model.parameters()).device
-        ids = init_token_ids(config, model.get_input_embeddings().num_embeddings)
-        # Li & Liang's init from real words: the keys and values the model gives those tokens.
-        initial = None if ids is None else integrations.token_key_values(model, ids.to(device)[None])
-        self.input_adapters["prefix"].add_adapter(name, config.num_virtual_tokens, config.projection_dim,
-                                                  device, initial)
-        return []
-
-    @staticmethod
-    def _check_input_side_supported(model: nn.Module, method: str) -> None:
-        if integrations.is_encoder_decoder(model):
-            raise ValueError(f"peftkit's {method} supports decoder-only and encoder-only models; "
-                             f"{type(model).__name__} is an encoder-decoder.")
-
     def _all_adapter_modules(self) -> Iterator[AdapterModule]:
         """The adapter modules inside the wrapped model, then the input-side encoders."""
         for _, module in adapter_modules(self.base_model):
@@ -210,7 +119,7 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.configs]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(self.configs)}.")
-        input_side = [n for n in names if isinstance(self.configs[n], INPUT_CONFIGS)]
+        input_side = [n for n in names if registry.method_for(self.configs[n]).input_side]
         if len(input_side) > 1:
             raise ValueError(f"at most one prompt or prefix adapter can be active at a time, got "
                              f"{input_side}: each claims the first positions of the input.")
@@ -259,27 +168,29 @@ class PeftModel(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         trained = [n for n in self.active_adapters if n not in self.frozen_adapters]
-        for _, param in self._adapter_parameters(trained):
+        for _, _, param in self.adapter_parameters(trained):
             param.requires_grad_(True)
 
-    def _adapter_parameters(self, names: list[str]) -> Iterator[tuple[str, nn.Parameter]]:
-        """(path, parameter) of adapters ``names``: paths inside the wrapped model, and
+    def adapter_parameters(self, names: list[str]) -> Iterator[tuple[str, str, nn.Parameter]]:
+        """(path, role, parameter) of adapters ``names``, the role as the owning module
+        declares it (``methods.base.ROLES``): paths inside the wrapped model, and
         ``input_adapters.<kind>.<local>`` for prompt and prefix encoders."""
         located = [*adapter_modules(self.base_model),
                    *((f"input_adapters.{kind}", e) for kind, e in self.input_adapters.items())]
         for path, module in located:
             for name in names:
                 if name in module.adapter_names:
-                    for local, param in module.adapter_parameters(name):
-                        yield f"{path}.{local}", param
+                    for local, role, param in module.parameter_roles(name):
+                        yield f"{path}.{local}", role, param
 
-    def parameter_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """(adapter name, its trainable parameters) for each active adapter, so that each
-        method can train at its own learning rate (M9) when several are active."""
+    def parameter_groups(self) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+        """(adapter name, its trainable (role, parameter) pairs) for each active adapter, so
+        that each method, and each role within it (LoRA+), can train at its own rate (M9)."""
         groups, seen = [], set()
         for name in self.active_adapters:
-            params = [p for _, p in self._adapter_parameters([name]) if p.requires_grad and id(p) not in seen]
-            seen.update(id(p) for p in params)
+            params = [(role, p) for _, role, p in self.adapter_parameters([name])
+                      if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for _, p in params)
             if params:
                 groups.append((name, params))
         return groups
@@ -301,167 +212,27 @@ class PeftModel(nn.Module):
 
     # -- running ----------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped model with the active adapters.
-
-        With a prompt or prefix adapter active, the call is rewritten around its N virtual
-        tokens (rules in ``peftkit.masks``): ``attention_mask`` (B, P + T) covers the caller's
-        tokens only, past and current, never the virtual ones, and is extended here, as are
-        token labels (-100 on the prompt) and positions; a padded row is placed as if it were
-        alone. A cache passed in (``past_key_values`` or ``cache``) must come from an earlier
-        call of this model: it then already holds the virtual tokens, which are not added
-        again. As in Hugging Face PEFT, prompt tuning's outputs cover N + T positions, the
-        prompt's first; prefix tuning's cover T.
-        """
+        """Run the wrapped model with the active adapters. With a prompt or prefix adapter
+        active, the call is rewritten around its virtual tokens (``peftkit.virtual_tokens``)."""
         active = self._active_input_adapter()
         if active is None:
             return self.base_model(*args, **kwargs)
-        if len(args) > 1 or (args and "input_ids" in kwargs):
-            raise TypeError("with a prompt or prefix adapter active, pass inputs by keyword "
-                            "(input_ids may be the one positional argument).")
-        if args:
-            kwargs["input_ids"] = args[0]
         encoder, name = active
-        if isinstance(encoder, PromptEncoder):
-            return self._prompt_forward(encoder, name, **kwargs)
-        return self._prefix_forward(encoder, name, **kwargs)
-
-    def _pass_cache(self, kwargs: dict[str, Any]) -> Any:
-        """Take the caller's cache out of ``kwargs`` under either name; None if there is none."""
-        cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
-        return cache if cache is not None else legacy
-
-    def _prompt_forward(self, encoder: PromptEncoder, name: str, input_ids=None, inputs_embeds=None,
-                        attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
-                        **kwargs: Any) -> Any:
-        """Prepend the soft prompt at the input embeddings (M7)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds.")
-        model = self.base_model
-        cache = self._pass_cache(kwargs)
-        if inputs_embeds is None:
-            inputs_embeds = model.get_input_embeddings()(input_ids)
-        batch, length = inputs_embeds.shape[:2]
-        n = encoder.num_virtual_tokens(name)
-        if attention_mask is None:
-            past = 0 if cache is None else integrations.cache_length(cache) - n
-            attention_mask = masks.full_mask(batch, past + length, inputs_embeds.device)
-        attention_mask = masks.extend_attention_mask(attention_mask, n)
-        if cache is None:  # first call: the prompt enters as the first N positions
-            prompt = encoder(name, batch, inputs_embeds.dtype)
-            inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
-            if labels is not None and masks.is_token_labels(labels, batch, length):
-                labels = masks.extend_labels(labels, n)
-            if token_type_ids is not None:
-                token_type_ids = masks.extend_token_type_ids(token_type_ids, n)
-            if position_ids is not None:
-                position_ids = masks.extend_position_ids(position_ids, n)
-            length += n
-        else:
-            kwargs[integrations.cache_argument(model)] = cache
-            if position_ids is not None:
-                position_ids = masks.shift_position_ids(position_ids, n)
-        if integrations.accepts_argument(model, "position_ids"):
-            kwargs["position_ids"] = (masks.position_ids(attention_mask, length)
-                                      if position_ids is None else position_ids)
-        if labels is not None:
-            kwargs["labels"] = labels
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-
-    def _prefix_forward(self, encoder: PrefixEncoder, name: str, input_ids=None, inputs_embeds=None,
-                        attention_mask=None, position_ids=None, **kwargs: Any) -> Any:
-        """Let every attention layer attend to the learned prefix (M11)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds.")
-        model = self.base_model
-        cache = self._pass_cache(kwargs)
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        prefix = encoder(name, batch, dtype if inputs_embeds is None else inputs_embeds.dtype)
-        if integrations.native_prefix(model):
-            # The model keeps the prefix out of its mask, cache and positions itself.
-            if cache is not None:
-                kwargs[integrations.cache_argument(model)] = cache
-            return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, prefix_key_values=prefix, **kwargs)
-        n = encoder.num_virtual_tokens(name)
-        if cache is None:
-            cache = integrations.prefix_cache(prefix)
-        if attention_mask is None:
-            attention_mask = masks.full_mask(batch, integrations.cache_length(cache) - n + length,
-                                             prefix[0][0].device)
-        attention_mask = masks.extend_attention_mask(attention_mask, n)
-        position_ids = (masks.position_ids(attention_mask, length) if position_ids is None
-                        else masks.shift_position_ids(position_ids, n))
-        kwargs[integrations.cache_argument(model)] = cache
-        return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                     position_ids=position_ids, **kwargs)
+        return virtual_tokens.forward(self.base_model, encoder, name, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generate with the active adapters; returns the input ids followed by the new ones.
 
         Without a prompt or prefix adapter this is the wrapped model's own ``generate``.
-        With one, peftkit runs the loop itself (greedy, or sampling with ``temperature``,
-        ``top_k``, ``top_p``), with the KV cache: the virtual tokens enter once, at the
-        first step, and the mask grows by one column per step. Batches must be left-padded.
+        With one, peftkit runs the loop itself (``virtual_tokens.generate``: greedy, or
+        sampling with ``temperature``, ``top_k``, ``top_p``), with the KV cache: the virtual
+        tokens enter once, at the first step. Batches must be left-padded.
         """
         if self._active_input_adapter() is None:
             return self.base_model.generate(*args, **kwargs)
         if len(args) > 1:
             raise TypeError("pass generation settings by keyword; input_ids may be positional.")
-        return self._generate_with_virtual_tokens(*args, **kwargs)
-
-    @torch.no_grad()
-    def _generate_with_virtual_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-        top_k: int | None = None, top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-        **unsupported: Any,
-    ) -> torch.Tensor:
-        if unsupported:
-            raise TypeError(
-                f"generate() with a prompt or prefix adapter takes attention_mask, max_new_tokens, "
-                f"do_sample, temperature, top_k, top_p, eos_token_id and pad_token_id; got "
-                f"{sorted(unsupported)}."
-            )
-        defaults = getattr(self.base_model, "generation_config", None)
-        if max_new_tokens is None:
-            max_new_tokens = getattr(defaults, "max_new_tokens", None) or 20
-        if eos_token_id is None:
-            eos_token_id = getattr(defaults, "eos_token_id", None)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
-                           dtype=torch.long, device=input_ids.device)
-        if pad_token_id is None:
-            pad_token_id = getattr(defaults, "pad_token_id", None)
-        if pad_token_id is None and len(eos):
-            pad_token_id = int(eos[0])
-        if attention_mask is None:
-            attention_mask = masks.full_mask(*input_ids.shape, input_ids.device)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() reads the next token from the last position, so batches must be "
-                             "left-padded (some row ends in padding).")
-
-        sequences, step_ids, cache = input_ids, input_ids, None
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            output = self(input_ids=step_ids, attention_mask=attention_mask, past_key_values=cache,
-                          use_cache=True)
-            cache = integrations.output_cache(output)
-            if cache is None:  # the next step would add the virtual tokens a second time
-                raise TypeError(f"{type(self.base_model).__name__} returned no KV cache with use_cache=True; "
-                                "peftkit's generate() needs one to add the prompt or prefix only once.")
-            next_ids = _next_tokens(output.logits[:, -1, :].float(), do_sample, temperature, top_k, top_p)
-            if len(eos):
-                next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-                finished |= torch.isin(next_ids, eos)
-            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-            if bool(finished.all()):
-                break
-            step_ids = next_ids[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        return sequences
+        return virtual_tokens.generate(self, *args, **kwargs)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -492,10 +263,12 @@ class PeftModel(nn.Module):
         return any(layer.merged for layer in self._lora_layers())
 
     def _refuse_bottleneck_merge(self) -> None:
-        bottleneck = [n for n in self.active_adapters if isinstance(self.configs[n], AdapterConfig)]
-        if bottleneck:
+        layer_side = [n for n in self.active_adapters
+                      if not registry.method_for(self.configs[n]).mergeable
+                      and not registry.method_for(self.configs[n]).input_side]
+        if layer_side:
             raise TypeError(
-                f"bottleneck adapters cannot be folded into the weights (active: {bottleneck}): each "
+                f"bottleneck adapters cannot be folded into the weights (active: {layer_side}): each "
                 "adds h + up(act(down(h))), a nonlinear function that no weight matrix can absorb. "
                 "Keep the adapter attached for inference (its cost is small), or use unload() to get "
                 "the base model back without it."
@@ -508,7 +281,29 @@ class PeftModel(nn.Module):
             warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=2)
             return
         for layer in self._lora_layers():
+            if layer.active_adapters:
+                self._untie(layer)
             layer.merge()
+
+    def _untie(self, layer: LoraLayer) -> None:
+        """Give ``layer`` its own base weight when another module shares it (GPT-2's ``wte``
+        and ``lm_head``, any model with tied word embeddings): merging W + s·B A into the
+        shared tensor would change that module too. The model's config stops declaring the
+        tie, so a merged model written to disk and read back stays untied."""
+        weight = layer.base_layer.weight
+        sharers = sorted({f"{path}.{local}" for path, module in self.base_model.named_modules(remove_duplicate=False)
+                          for local, param in module.named_parameters(recurse=False, remove_duplicate=False)
+                          if param is weight and module is not layer.base_layer})
+        if not sharers:
+            return
+        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        config = getattr(self.base_model, "config", None)
+        for part in (config, getattr(config, "get_text_config", lambda: None)()):
+            if getattr(part, "tie_word_embeddings", False):
+                part.tie_word_embeddings = False
+        warnings.warn(f"merging LoRA into a weight that {sharers} share: the LoRA layer gets its own copy "
+                      "first, so that the shared module keeps the base weight; the merged model no longer "
+                      "ties them.", UserWarning, stacklevel=3)
 
     def unmerge(self) -> None:
         """Subtract merged adapters from the base weights again."""
@@ -555,44 +350,37 @@ class PeftModel(nn.Module):
     def save(self, directory: str | Path, name: str | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) as adapter_config.json +
         adapter_model.safetensors, adapter weights only, atomically."""
-        from . import io
-
-        return io.save_adapter(self, directory, name or self.active_adapter)
+        return adapter_files.save_adapter(self, directory, name or self.active_adapter)
 
     def load_adapter(self, directory: str | Path, name: str = "default", trainable: bool = False) -> None:
         """Attach a saved adapter under ``name`` (checked against this model)."""
-        from . import io
+        adapter_files.load_adapter_into(self, directory, name, trainable=trainable)
 
-        io.load_adapter_into(self, directory, name, trainable=trainable)
+    def is_input_side(self, name: str) -> bool:
+        """True when adapter ``name`` adds virtual tokens at the input (a prompt or prefix)."""
+        return registry.method_for(self.configs[name]).input_side
 
-    def _file_prefix(self, name: str) -> str:
-        """Hugging Face PEFT's key prefix for modules of the wrapped model: its LoRA wraps
-        the model one level deeper (``base_model.model.``) than its prompt learning does."""
-        return "base_model." if isinstance(self.configs[name], INPUT_CONFIGS) else "base_model.model."
+    def adapter_state(self, name: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Adapter ``name``'s tensors as its modules name them: (module path in the wrapped
+        model -> its local tensors, and the prompt or prefix encoder's tensors). The file
+        layout (``peftkit.adapter_files``) builds its keys from these."""
+        modules = {path: module.adapter_state_dict(name) for path, module in adapter_modules(self.base_model)
+                   if name in module.adapter_names}
+        encoder: dict[str, torch.Tensor] = {}
+        for input_encoder in self.input_adapters.values():
+            if name in input_encoder.adapter_names:
+                encoder.update(input_encoder.adapter_state_dict(name))
+        return modules, encoder
 
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """File key -> tensor for adapter ``name``, in Hugging Face PEFT's key layout."""
-        tensors: dict[str, torch.Tensor] = {}
+    def load_adapter_state(self, name: str, modules: dict[str, dict[str, torch.Tensor]],
+                           encoder: dict[str, torch.Tensor]) -> None:
+        """Copy tensors laid out as ``adapter_state`` gives them into adapter ``name``."""
         for path, module in adapter_modules(self.base_model):
             if name in module.adapter_names:
-                for local, tensor in module.adapter_state_dict(name).items():
-                    tensors[f"{self._file_prefix(name)}{path}.{local}"] = tensor
-        # A prompt or prefix sits outside the model: PEFT stores it under its bare key.
-        for encoder in self.input_adapters.values():
-            if name in encoder.adapter_names:
-                tensors.update(encoder.adapter_state_dict(name))
-        return tensors
-
-    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy file tensors (keys as in ``adapter_tensors``) into adapter ``name``."""
-        for path, module in adapter_modules(self.base_model):
-            if name in module.adapter_names:
-                prefix = f"{self._file_prefix(name)}{path}."
-                module.load_adapter_state_dict(
-                    name, {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
-        for encoder in self.input_adapters.values():
-            if name in encoder.adapter_names:
-                encoder.load_adapter_state_dict(name, tensors)
+                module.load_adapter_state_dict(name, modules[path])
+        for input_encoder in self.input_adapters.values():
+            if name in input_encoder.adapter_names:
+                input_encoder.load_adapter_state_dict(name, encoder)
 
     def saved_target_names(self, name: str) -> list[str]:
         """Module names to record in the adapter file so any loader picks the same layers."""
@@ -603,25 +391,13 @@ class PeftModel(nn.Module):
                    for p in self.target_paths[name])
 
 
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float,
-                 top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids: the argmax, or a draw from softmax(logits / temperature)
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        above = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, above >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
+def load(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False) -> PeftModel:
+    """Load a saved adapter (peftkit's or Hugging Face PEFT's) onto ``model`` (a plain model,
+    wrapped in place, or a PeftModel). ``trainable=False`` (the default, as in PEFT) loads it
+    frozen for inference; pass True to continue training it."""
+    peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
+    peft_model.load_adapter(directory, name, trainable=trainable)
+    return peft_model
 
 
 def attach(model: nn.Module, config: PeftConfig, name: str = "default") -> PeftModel:

@@ -16,18 +16,20 @@ Matching rules for ``target_modules``:
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from . import integrations
 from .config import AdapterConfig, TargetSpec
 from .methods.adapter import AdapterWrapper
 from .methods.base import AdapterModule
-from .methods.lora import LoraLayer
+from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
 
 # LoRA paper (Hu et al. 2021, sec. 7.1): adapting W_q and W_v gives the best result for a
 # fixed parameter budget; PEFT's per-architecture defaults follow the same choice.
@@ -61,44 +63,69 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 
 
 @dataclass(frozen=True)
+class LayerType:
+    """What LoRA does with one module type: its kind (for messages), the wrapper that puts
+    LoRA around it, and its (in, out) sizes from its weight."""
+
+    kind: str
+    wrap: Callable[[nn.Module], LoraLayer]
+    sizes: Callable[[torch.Tensor], tuple[int, int]]
+
+
+_LINEAR = LayerType("linear", LoraLinear, lambda w: (w.shape[1], w.shape[0]))
+_EMBEDDING = LayerType("embedding", LoraEmbedding, lambda w: (w.shape[0], w.shape[1]))
+_CONV1D = LayerType("conv1d", functools.partial(LoraLinear, fan_in_fan_out=True), lambda w: (w.shape[0], w.shape[1]))
+
+
+def lora_layer_types() -> dict[type, LayerType]:
+    """Module type -> LayerType, for exactly these types (a subclass may compute anything).
+    transformers' GPT-2 ``Conv1D`` stores its weight (in, out), so its wrapper is told so;
+    it is looked up each time, as it exists only once transformers is loaded."""
+    conv1d = integrations.conv1d_type()
+    return {nn.Linear: _LINEAR, nn.Embedding: _EMBEDDING, **({conv1d: _CONV1D} if conv1d is not None else {})}
+
+
+@dataclass(frozen=True)
 class Target:
-    """One module chosen for LoRA: its path, kind and (in, out) sizes."""
+    """One module chosen for LoRA: its path, kind and (in, out) sizes, and its wrapper."""
 
     path: str
     kind: str  # "linear", "conv1d" or "embedding"
     in_features: int
     out_features: int
+    wrap: Callable[[nn.Module], LoraLayer] = field(compare=False, repr=False, default=LoraLinear)
 
 
-def describe(module: nn.Module) -> Target | None:
+def describe(module: nn.Module, path: str = "") -> Target | None:
     """The LoRA-relevant facts of a module, or None when LoRA cannot wrap it."""
     if isinstance(module, AdapterModule):
         if not isinstance(module, LoraLayer):
             return None  # another method's wrapper: LoRA inside it would nest two wrappers
         module = module.base_layer
-    weight = getattr(module, "weight", None)
-    if type(module) is nn.Linear:
-        return Target("", "linear", weight.shape[1], weight.shape[0])
-    if integrations.is_conv1d(module):
-        return Target("", "conv1d", weight.shape[0], weight.shape[1])
-    if type(module) is nn.Embedding:
-        return Target("", "embedding", weight.shape[0], weight.shape[1])
-    return None
+    layer_type = lora_layer_types().get(type(module))
+    if layer_type is None:
+        return None
+    in_features, out_features = layer_type.sizes(module.weight)
+    return Target(path, layer_type.kind, in_features, out_features, layer_type.wrap)
+
+
+def modules_outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every module of ``model`` but the root, not descending into
+    adapter modules: their insides are peftkit's, not the user's, and an adapter module
+    stands for the module it wraps."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, AdapterModule):
+            inside.append(path)
+        yield path, module
 
 
 def wrappable_modules(model: nn.Module) -> dict[str, Target]:
     """Path -> Target for every module LoRA could wrap (skipping modules inside adapters)."""
-    found: dict[str, Target] = {}
-    inside_adapter: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(p + ".") for p in inside_adapter):
-            continue
-        if isinstance(module, AdapterModule):
-            inside_adapter.append(path)
-        target = describe(module)
-        if target is not None:
-            found[path] = Target(path, target.kind, target.in_features, target.out_features)
-    return found
+    return {path: target for path, module in modules_outside_adapters(model)
+            if (target := describe(module, path)) is not None}
 
 
 def _matches(path: str, name: str) -> bool:
@@ -217,7 +244,7 @@ def trained_copy_paths(model: nn.Module, names: list[str] | None) -> list[str]:
         lenient = set(names)
     else:
         lenient = set(CLASSIFIER_HEADS) if set(CLASSIFIER_HEADS) <= set(names) else set()
-    modules = _top_level_modules(model)
+    modules = [path for path, _ in modules_outside_adapters(model)]
     chosen: list[str] = []
     for name in names:
         hits = [p for p in modules if _matches(p, name)]
@@ -237,20 +264,6 @@ def trained_copy_paths(model: nn.Module, names: list[str] | None) -> list[str]:
                          "the outer module only.")
     order = list(modules)
     return sorted(chosen, key=order.index)
-
-
-def _top_level_modules(model: nn.Module) -> list[str]:
-    """Paths of the model's modules, not descending into adapter modules (their insides
-    are peftkit's, not the user's)."""
-    paths: list[str] = []
-    inside: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, AdapterModule):
-            inside.append(path)
-        paths.append(path)
-    return paths
 
 
 def check_rank(targets: list[Target], r: int, *, share_warning: float = 0.5) -> None:
@@ -352,20 +365,6 @@ def _io_widths(module: nn.Module) -> tuple[int, int] | None:
     return layers[0].in_features, layers[-1].out_features
 
 
-def _site_candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Path -> module for every module outside existing adapters (a wrapper stands for the
-    module it wraps)."""
-    found: dict[str, nn.Module] = {}
-    adapters: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(a + ".") for a in adapters):
-            continue
-        if isinstance(module, AdapterModule):
-            adapters.append(path)
-        found[path] = module
-    return found
-
-
 def _names_hint(candidates: dict[str, nn.Module]) -> str:
     names = sorted({p.rsplit(".", 1)[-1] for p in candidates if not p.rsplit(".", 1)[-1].isdigit()})
     nested = (" (modules inside an existing adapter are not counted: adapters do not nest)"
@@ -383,7 +382,7 @@ def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[AdapterSite]:
     for an unknown architecture, a name that matches nothing, a module that cannot host an
     adapter, or a site that would nest with another adapter.
     """
-    candidates = _site_candidates(model)
+    candidates = dict(modules_outside_adapters(model))
     arch = integrations.model_type(model) or type(model).__name__
     chosen: dict[str, str] = {}  # path -> mode
     if config.target_modules is not None:
@@ -439,3 +438,21 @@ def _check_site(module: nn.Module, path: str, mode: str, chosen: dict[str, str])
         raise ValueError(f"a parallel adapter beside {path!r} needs equal input and output widths, found "
                          f"{width_in} -> {width_out}; name the feed-forward block, not one projection.")
     return AdapterSite(path, mode, width_out)
+
+
+# -- the same rules, for checking a model set up elsewhere (the doctor) -----------------------
+def matches_target(path: str, name: str) -> bool:
+    """Whether the ``target_modules`` entry ``name`` selects the module at ``path``: the
+    path equals it or ends with ``"." + name`` (the rule above, and Hugging Face PEFT's)."""
+    return _matches(path, name)
+
+
+def architecture_targets(model: nn.Module, table: dict[str, list[str]], attribute: str) -> list[str] | None:
+    """The target names of the first module in ``model`` (itself, or a model it wraps, as a
+    PEFT or peftkit wrapper does) that declares ``attribute`` or whose architecture
+    ``table`` lists."""
+    for module in model.modules():
+        names = _architecture_names(module, table, attribute)
+        if names:
+            return names
+    return None

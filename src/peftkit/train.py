@@ -19,30 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import integrations
-from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
-from .methods.lora import LoraLinear
-from .methods.trained_copy import TrainedCopy
+from . import integrations, registry
+from .config import LoraConfig, PeftConfig
 from .model import PeftModel
-
-# LoRA: Hu et al. (2021) fine-tune RoBERTa-base (hidden 768) with 4e-4 to 5e-4,
-# RoBERTa-large (1024) with 3e-4 to 4e-4 and GPT-2 with 2e-4; QLoRA (Dettmers et al. 2023)
-# uses 2e-4 for 7B and 13B models (4096, 5120) and 1e-4 for 33B and 65B (6656, 8192);
-# Hugging Face PEFT's examples use 1e-4 to 3e-4. The rate falls with the model's width, so
-# the default is 2e-4 at hidden size 4096 scaled by sqrt(4096 / hidden) (768 -> 4.6e-4,
-# 1024 -> 4e-4, 8192 -> 1.4e-4), kept within 1e-4 to 1e-3. A full fine-tuning rate (1e-5 to
-# 5e-5) leaves a zero-initialised B almost where it started.
-# Bottleneck adapters: Pfeiffer et al. (2021, AdapterFusion) and AdapterHub train them
-# with 1e-4, Houlsby et al. (2019) pick from 3e-5 to 3e-3; a zero-initialised up-projection,
-# like LoRA's B, barely moves at a full fine-tuning rate.
-# Prompt and prefix tuning train a few thousand free vectors with no weight behind them:
-# Lester et al. (2021) use 0.3 (Adafactor), Hugging Face PEFT's examples 3e-2 for prompts
-# and 1e-2 for prefixes; at LoRA's 2e-4 a prompt barely leaves its initialisation.
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    LoraConfig.peft_type: 2e-4, AdapterConfig.peft_type: 1e-4,
-    PromptConfig.peft_type: 3e-2, PrefixConfig.peft_type: 1e-2,
-}
-
 
 LORA_REFERENCE_WIDTH = 4096  # the hidden size at which LoRA's default is 2e-4
 LORA_RATE_RANGE = (1e-4, 1e-3)
@@ -54,8 +33,8 @@ def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = No
     LoRA's depends on the width of ``model`` (its config's hidden size d):
     2e-4 · sqrt(4096 / d), clamped to [1e-4, 1e-3]; 2e-4 when the width is unknown.
     """
-    rate = DEFAULT_LEARNING_RATES[config.peft_type]
-    if config.peft_type != LoraConfig.peft_type or model is None:
+    rate = registry.method_for(config).learning_rate
+    if not isinstance(config, LoraConfig) or model is None:
         return rate
     if isinstance(model, PeftModel):
         model = model.base_model
@@ -82,20 +61,31 @@ TRAINED_COPY_LEARNING_RATE = 1e-3
 LORA_PLUS_RATIO = 16.0
 
 
-def _lora_plus_groups(model: PeftModel, name: str, params: list, rate: float, ratio: float) -> list[dict]:
-    """Adapter ``name``'s LoRA parameters split into LoRA+ groups: the B of each linear
-    layer at rate · ratio / 2, the rest of its linear layers (A, a trained bias) at rate / 2,
-    anything else (embedding LoRA) at the plain rate."""
-    b_ids, linear_ids = set(), set()
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and name in module.adapter_names:
-            b_ids.add(id(module.lora_B[name]))
-            linear_ids.update(id(p) for _, p in module.adapter_parameters(name))
-    split = [("lora_A", [p for p in params if id(p) in linear_ids - b_ids], rate / 2),
-             ("lora_B", [p for p in params if id(p) in b_ids], rate / 2 * ratio),
-             ("adapter", [p for p in params if id(p) not in linear_ids], rate)]
-    return [{"params": ps, "lr": lr, "base_lr": rate, "adapter": name, "kind": kind}
-            for kind, ps, lr in split if ps]
+# Role -> (group kind, factor of the method's rate) under LoRA+: A and a trained bias at half
+# the rate, B at half times the ratio; anything else LoRA trains (embedding LoRA) at the rate.
+_LORA_PLUS_SPLIT = {"lora_A": ("lora_A", 0.5), "bias": ("lora_A", 0.5), "lora_B": ("lora_B", None)}
+
+
+def _rate_groups(name: str, params: list[tuple[str, torch.nn.Parameter]], rate: float,
+                 ratio: float) -> list[dict]:
+    """Adapter ``name``'s (role, parameter) pairs as AdamW groups: modules trained in full
+    (role ``full``) at 1e-3; with a LoRA B among them and ``ratio`` != 1, the LoRA+ split
+    above; else everything at the method's ``rate``."""
+    lora_plus = ratio != 1 and any(role == "lora_B" for role, _ in params)
+    kinds: dict[str, tuple[list, float]] = {}
+    for role, param in params:
+        if role == "full":
+            kind, lr = "modules_to_save", TRAINED_COPY_LEARNING_RATE
+        elif lora_plus and role in _LORA_PLUS_SPLIT:
+            kind, factor = _LORA_PLUS_SPLIT[role]
+            lr = rate * (0.5 * ratio if factor is None else factor)
+        else:
+            kind, lr = "adapter", rate
+        kinds.setdefault(kind, ([], lr))[0].append(param)
+    order = ("lora_A", "lora_B", "adapter", "modules_to_save")
+    return [{"params": ps, "lr": lr, "adapter": name, "kind": kind,
+             **({} if kind == "modules_to_save" else {"base_lr": rate})}
+            for kind in order if kind in kinds for ps, lr in [kinds[kind]]]
 
 
 def default_parameter_groups(model: PeftModel, lora_plus_ratio: float = LORA_PLUS_RATIO) -> list[dict]:
@@ -109,21 +99,10 @@ def default_parameter_groups(model: PeftModel, lora_plus_ratio: float = LORA_PLU
     if lora_plus_ratio < 1:
         raise ValueError(f"lora_plus_ratio is B's rate over A's and must be at least 1 (1 turns LoRA+ off), "
                          f"got {lora_plus_ratio}.")
-    in_full = {id(p) for module in model.modules() if isinstance(module, TrainedCopy)
-               for _, p in module.adapter_parameters()}
     groups = []
     for name, params in model.parameter_groups():
-        own = [p for p in params if id(p) not in in_full]
-        copies = [p for p in params if id(p) in in_full]
-        config = model.configs[name]
-        rate = default_learning_rate(config, model)
-        if own and isinstance(config, LoraConfig) and lora_plus_ratio != 1:
-            groups.extend(_lora_plus_groups(model, name, own, rate, lora_plus_ratio))
-        elif own:
-            groups.append({"params": own, "lr": rate, "base_lr": rate, "adapter": name, "kind": "adapter"})
-        if copies:
-            groups.append({"params": copies, "lr": TRAINED_COPY_LEARNING_RATE, "adapter": name,
-                           "kind": "modules_to_save"})
+        rate = default_learning_rate(model.configs[name], model)
+        groups.extend(_rate_groups(name, params, rate, lora_plus_ratio))
     return groups
 
 

@@ -207,3 +207,17 @@ def test_two_active_adapters_add_up():
                 + 0.5 * x @ layer.lora_A["second"].t() @ layer.lora_B["second"].t())
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert math.isclose(layer.scaling["second"], 0.5)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    """LoraFunction's backward is written by hand and is not itself differentiable: a second
+    derivative through it would be wrong, so asking for one is an error."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
+    w_io = torch.randn(5, 4, dtype=torch.double)
+    a = torch.randn(2, 5, dtype=torch.double, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.double, requires_grad=True)
+    y = LoraFunction.apply(x, w_io, None, a, b, 0.7, None, 1.0)
+    (grad_x,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        grad_x.sum().backward()

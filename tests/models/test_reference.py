@@ -39,16 +39,10 @@ def pad_batch(rows, side):
     return ids, mask
 
 
-def random_prefix(batch, n_prefix, scale=1.0):
-    config = ReferenceConfig(**TINY)
-    shape = (batch, config.num_heads, n_prefix, config.head_dim)
-    return [(scale * torch.randn(shape), scale * torch.randn(shape)) for _ in range(config.num_layers)]
-
-
-def naive_greedy(model, ids, mask, steps, prefix=None):
+def naive_greedy(model, ids, mask, steps):
     """Greedy decoding that recomputes the whole sequence every step (no cache)."""
     for _ in range(steps):
-        logits = model(ids, attention_mask=mask, prefix_key_values=prefix).logits
+        logits = model(ids, attention_mask=mask).logits
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_ids], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
@@ -169,37 +163,6 @@ def test_positions_beyond_max_are_an_error(model):
         model(random_ids(1, TINY["max_positions"] + 1))
 
 
-# --- prefix hook ----------------------------------------------------------------------
-
-def test_prefix_changes_outputs_and_none_or_empty_does_not(model):
-    ids = random_ids(2, 6)
-    plain = model(ids).logits
-    torch.testing.assert_close(model(ids, prefix_key_values=None).logits, plain, atol=0, rtol=0)
-    torch.testing.assert_close(model(ids, prefix_key_values=random_prefix(2, 0)).logits, plain,
-                               atol=0, rtol=0)
-    with_prefix = model(ids, prefix_key_values=random_prefix(2, 3), use_cache=True)
-    assert not torch.allclose(with_prefix.logits, plain, atol=1e-3)
-    # The prefix is never part of the returned cache.
-    assert with_prefix.past_key_values[0][0].shape[2] == 6
-
-
-def test_prefix_keeps_padded_rows_exact(model):
-    rows = [random_ids(4), random_ids(7)]
-    ids, mask = pad_batch(rows, "left")
-    prefix = random_prefix(2, 3)
-    batch_logits = model(ids, attention_mask=mask, prefix_key_values=prefix).logits
-    for i, row in enumerate(rows):
-        row_prefix = [(k[i:i + 1], v[i:i + 1]) for k, v in prefix]
-        alone = model(row[None], prefix_key_values=row_prefix).logits[0]
-        torch.testing.assert_close(batch_logits[i, mask[i].bool()], alone, atol=1e-5, rtol=0)
-
-
-def test_prefix_shape_is_checked(model):
-    bad = [(torch.zeros(2, 4, 3, 5), torch.zeros(2, 4, 3, 5))] * TINY["num_layers"]
-    with pytest.raises(ValueError, match="prefix key of layer 0"):
-        model(random_ids(2, 4), prefix_key_values=bad)
-
-
 # --- generate -------------------------------------------------------------------------
 
 def test_generate_matches_naive_loop(model):
@@ -216,13 +179,6 @@ def test_generate_left_padded_batch_matches_naive_and_rows_alone(model):
     assert torch.equal(out, naive_greedy(model, ids, mask, 5))
     for i, row in enumerate(rows):
         assert torch.equal(out[i, -5:], model.generate(row[None], max_new_tokens=5)[0, -5:])
-
-
-def test_generate_with_prefix_matches_naive(model):
-    ids, mask = pad_batch([random_ids(4), random_ids(2)], "left")
-    prefix = random_prefix(2, 2)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, prefix_key_values=prefix)
-    assert torch.equal(out, naive_greedy(model, ids, mask, 4, prefix))
 
 
 def test_generate_pads_rows_after_eos(model):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ if _SMOLLM2 is None:
 
 from peftkit import LoraConfig, PromptConfig, attach  # noqa: E402
 from peftkit import export as export_module  # noqa: E402
+from peftkit.adapter_files import adapter_tensors, load_adapter_tensors  # noqa: E402
 from peftkit.cli import main  # noqa: E402
 from peftkit.export import ExportError, export_gguf_lora  # noqa: E402
 
@@ -117,8 +119,8 @@ def train_like_adapter(model, config: LoraConfig, folder: Path, b_std: float = 0
     try:
         generator = torch.Generator().manual_seed(0)
         tensors = {key: torch.randn(t.shape, generator=generator) * b_std if key.endswith("lora_B.weight") else t
-                   for key, t in pm.adapter_tensors("default").items()}
-        pm.load_adapter_tensors("default", tensors)
+                   for key, t in adapter_tensors(pm, "default").items()}
+        load_adapter_tensors(pm, "default", tensors)
         pm.save(folder)
         with torch.no_grad():
             return pm(input_ids=torch.tensor([TOKENS])).logits[0].numpy()
@@ -257,14 +259,29 @@ def test_a_lora_on_the_embeddings_is_refused_by_name(smollm, base_gguf, tmp_path
                     "model.embed_tokens", "self_attn.q_proj", "mlp.down_proj")
 
 
+def test_the_recorded_base_model_serves_without_model(small_adapter, base_gguf, tmp_path):
+    """The adapter records the GGUF its model was loaded from, as PEFT records name_or_path;
+    the export reads the head counts from it (Q4_1: the shapes are the same)."""
+    recorded = json.loads((small_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded) == Q4_GGUF
+    from_record = gguf.GGUFReader(export_gguf_lora(small_adapter, tmp_path / "a.gguf"))
+    from_base = gguf.GGUFReader(export_gguf_lora(small_adapter, tmp_path / "b.gguf", base=base_gguf))
+    for a, b in zip(from_record.tensors, from_base.tensors, strict=True):
+        assert a.name == b.name and np.array_equal(a.data, b.data)
+
+
 def test_missing_head_counts_are_a_clear_error(smollm, small_adapter, tmp_path):
-    out = tmp_path / "heads.gguf"  # the adapter records no base model
-    _assert_refused(lambda: export_gguf_lora(small_adapter, out), out, "head counts", "--model BASE")
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(small_adapter, unrecorded)
+    config_file = unrecorded / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": None}))
+    out = tmp_path / "heads.gguf"
+    _assert_refused(lambda: export_gguf_lora(unrecorded, out), out, "head counts", "--model BASE")
     config = json.loads(json.dumps(smollm.config.to_dict()))
     del config["num_attention_heads"]
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
-    _assert_refused(lambda: export_gguf_lora(small_adapter, out, base=tmp_path / "base"), out,
+    _assert_refused(lambda: export_gguf_lora(unrecorded, out, base=tmp_path / "base"), out,
                     "num_attention_heads", "head counts")
 
 

@@ -25,7 +25,7 @@ peft = pytest.importorskip("peft")
 def train_steps(pm, batch: dict, steps: int) -> list[float]:
     """``steps`` AdamW steps on one batch at the method's default rate, dropout off (so the
     loss may only go down because the adapter learned); returns the losses."""
-    optimizer = torch.optim.AdamW([p for _, ps in pm.parameter_groups() for p in ps],
+    optimizer = torch.optim.AdamW([p for _, ps in pm.parameter_groups() for _, p in ps],
                                   lr=default_learning_rate(pm.configs[pm.active_adapter], pm))
     losses = []
     for _ in range(steps):
@@ -96,7 +96,7 @@ def test_minilm_lora_end_to_end(minilm, review_batch, tmp_path):
 # -- SmolLM2: a GGUF file, generation ------------------------------------------------------
 @pytest.fixture
 def completion_batch(smollm2, reviews):
-    import rotten_tomatoes
+    from bench import rotten_tomatoes
 
     train, _ = reviews
     records = rotten_tomatoes.completion_records(train[:4], smollm2.tokenizer)

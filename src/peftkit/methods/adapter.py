@@ -22,7 +22,6 @@ three modes:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -68,13 +67,15 @@ class AdapterWrapper(AdapterModule):
         base_layer: the module the adapters sit at; called, never copied.
     """
 
+    adapter_tables = {"bottleneck": "bottleneck"}
+    adapter_settings = ("modes", "scaling")
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.bottleneck = nn.ModuleDict()
         self.modes: dict[str, str] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
 
     def add_adapter(self, name: str, hidden: int, bottleneck: int, *, mode: str, activation: str = "relu",
                     dropout: float = 0.0, scaling: float = 1.0) -> None:
@@ -91,18 +92,6 @@ class AdapterWrapper(AdapterModule):
         self.scaling[name] = float(scaling)
 
     # -- adapter protocol -------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.bottleneck)
-
-    def set_active_adapters(self, names: list[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.bottleneck]
-
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else self.adapter_names:
-            for local, param in self.bottleneck[adapter].named_parameters():
-                yield f"bottleneck.{adapter}.{local}", param
-
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         module = self.bottleneck[name]
         return {f"adapter_{part}.{kind}": getattr(getattr(module, part), kind)
@@ -112,10 +101,6 @@ class AdapterWrapper(AdapterModule):
         with torch.no_grad():
             for key, param in self.adapter_state_dict(name).items():
                 param.copy_(tensors[key])
-
-    def delete_adapter(self, name: str) -> None:
-        del self.bottleneck[name], self.modes[name], self.scaling[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def unwrap(self) -> nn.Module:
         return self.base_layer

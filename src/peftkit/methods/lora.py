@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from ..config import lora_scaling
 from .base import AdapterModule
 
 
@@ -59,6 +59,7 @@ class LoraFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the backward below is not itself differentiable: double backward is refused
     def backward(ctx, grad_out):
         x2d, weight_io, lora_a, lora_b, u, mask2d = ctx.saved_tensors
         s = ctx.scaling
@@ -91,50 +92,41 @@ class LoraFunction(torch.autograd.Function):
 
 
 class LoraLayer(AdapterModule):
-    """State shared by every LoRA layer: named adapters, which are active, which merged."""
+    """State shared by every LoRA layer: named adapters, their scaling and dropout, which are
+    active and which are merged into the base weight."""
+
+    adapter_settings = ("scaling", "dropout")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self.train_bias = False
 
     # -- adapter protocol -------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.scaling)
-
     def set_active_adapters(self, names: list[str]) -> None:
         if self.merged_adapters and set(names) != set(self.merged_adapters):
             raise RuntimeError(
                 f"adapters {self.merged_adapters} are merged into the weights; unmerge() "
                 "before changing which adapters are active."
             )
-        self.active_adapters = [n for n in names if n in self.scaling]
+        super().set_active_adapters(names)
 
-    def delete_adapter(self, name: str) -> None:
+    def _check_deletable(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge() before deleting it.")
-        for table in self._parameter_tables():
-            del table[name]
-        del self.scaling[name], self.dropout[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def _parameter_tables(self) -> list[nn.ParameterDict]:
-        raise NotImplementedError
-
-    def _trained_bias(self) -> Iterator[tuple[str, nn.Parameter]]:
-        bias = getattr(self.base_layer, "bias", None)
-        if self.train_bias and bias is not None:
-            yield "base_layer.bias", bias
 
     # -- merging ----------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B A in the layout of ``base_layer.weight``."""
         raise NotImplementedError
+
+    def _fold(self, names: list[str], sign: float) -> None:
+        """W ← W + sign · s · B A for each adapter in ``names`` (and its bias change, if any)."""
+        with torch.no_grad():
+            for name in names:
+                self.base_layer.weight.add_(self.delta_weight(name), alpha=sign)
 
     @property
     def merged(self) -> bool:
@@ -145,9 +137,7 @@ class LoraLayer(AdapterModule):
         if self.merged:
             warnings.warn("LoRA layer is already merged; merge() did nothing.", stacklevel=3)
             return
-        with torch.no_grad():
-            for name in self.active_adapters:
-                self.base_layer.weight.add_(self.delta_weight(name))
+        self._fold(self.active_adapters, 1.0)
         self.merged_adapters = list(self.active_adapters)
 
     def unmerge(self) -> None:
@@ -155,9 +145,7 @@ class LoraLayer(AdapterModule):
         if not self.merged:
             warnings.warn("LoRA layer is not merged; unmerge() did nothing.", stacklevel=3)
             return
-        with torch.no_grad():
-            for name in self.merged_adapters:
-                self.base_layer.weight.sub_(self.delta_weight(name))
+        self._fold(self.merged_adapters, -1.0)
         self.merged_adapters = []
 
     def unwrap(self) -> nn.Module:
@@ -171,10 +159,17 @@ class LoraLayer(AdapterModule):
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out)).
 
+    With ``train_bias`` (LoRA's ``bias="lora_only"``) an adapter also learns a change
+    Δb (out,) to the layer's bias, b + Δb, kept apart from b so that the base layer stays
+    the base model's and two adapters never share one bias. Files hold b + Δb under
+    ``base_layer.bias``, Hugging Face PEFT's key for the trained bias.
+
     Args:
         base_layer: the wrapped module; its weight is used, never copied.
         fan_in_fan_out: True when the weight is stored (in, out), as in ``Conv1D``.
     """
+
+    adapter_tables = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_bias": "bias"}
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -185,13 +180,12 @@ class LoraLinear(LoraLayer):
         )
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-
-    def _parameter_tables(self) -> list[nn.ParameterDict]:
-        return [self.lora_A, self.lora_B]
+        self.lora_bias = nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     use_rslora: bool = False, train_bias: bool = False) -> None:
-        """Create adapter ``name``: A Kaiming-uniform, B zero, so B A = 0 at init (M2)."""
+        """Create adapter ``name``: A Kaiming-uniform, B zero, so B A = 0 at init (M2), and
+        a zero bias change when ``train_bias`` and the layer has a bias."""
         weight = self.base_layer.weight
         lora_a = torch.empty(r, self.in_features, device=weight.device, dtype=weight.dtype)
         # Same init as nn.Linear's weight (and Hugging Face PEFT's A).
@@ -200,31 +194,42 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Parameter(
             torch.zeros(self.out_features, r, device=weight.device, dtype=weight.dtype)
         )
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        bias = self.base_layer.bias
+        if train_bias and bias is not None:
+            self.lora_bias[name] = nn.Parameter(torch.zeros_like(bias))
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
         self.dropout[name] = float(dropout)
-        self.train_bias = self.train_bias or train_bias
 
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else self.adapter_names:
-            yield f"lora_A.{adapter}", self.lora_A[adapter]
-            yield f"lora_B.{adapter}", self.lora_B[adapter]
-        yield from self._trained_bias()
+    def _base_bias(self) -> torch.Tensor | None:
+        """The base model's own bias b, without any merged bias change."""
+        bias = self.base_layer.bias
+        if bias is None:
+            return None
+        return bias - sum(self.lora_bias[n] for n in self.merged_adapters if n in self.lora_bias)
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         tensors = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
-        tensors.update({"bias": p for _, p in self._trained_bias()})
+        if name in self.lora_bias:
+            tensors["base_layer.bias"] = (self._base_bias() + self.lora_bias[name]).detach()
         return tensors
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.lora_A[name].copy_(tensors["lora_A.weight"])
             self.lora_B[name].copy_(tensors["lora_B.weight"])
-            if "bias" in tensors:
-                self.base_layer.bias.copy_(tensors["bias"])
+            if name in self.lora_bias:
+                self.lora_bias[name].copy_(tensors["base_layer.bias"].to(self.lora_bias[name]) - self._base_bias())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def _fold(self, names: list[str], sign: float) -> None:
+        super()._fold(names, sign)
+        with torch.no_grad():
+            for name in names:
+                if name in self.lora_bias:
+                    self.base_layer.bias.add_(self.lora_bias[name], alpha=sign)
 
     def _weight_io(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -246,6 +251,9 @@ class LoraLinear(LoraLayer):
                 "requires_grad=False on the base weights."
             )
         bias = self.base_layer.bias
+        changes = [self.lora_bias[n] for n in self.active_adapters if n in self.lora_bias]
+        if changes:
+            bias = bias + sum(changes)
         first, *others = self.active_adapters
         y = self._apply(x, first, self._weight_io(), bias)
         for name in others:
@@ -271,14 +279,13 @@ class LoraEmbedding(LoraLayer):
     zero at init), and there is no dropout on an index lookup.
     """
 
+    adapter_tables = {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
+
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-
-    def _parameter_tables(self) -> list[nn.ParameterDict]:
-        return [self.lora_embedding_A, self.lora_embedding_B]
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
                     use_rslora: bool = False, train_bias: bool = False) -> None:
@@ -289,13 +296,8 @@ class LoraEmbedding(LoraLayer):
         lora_b = torch.empty(self.embedding_dim, r, device=weight.device, dtype=weight.dtype)
         nn.init.normal_(lora_b)
         self.lora_embedding_B[name] = nn.Parameter(lora_b)
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
         self.dropout[name] = 0.0
-
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else self.adapter_names:
-            yield f"lora_embedding_A.{adapter}", self.lora_embedding_A[adapter]
-            yield f"lora_embedding_B.{adapter}", self.lora_embedding_B[adapter]
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A[name],

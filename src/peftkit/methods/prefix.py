@@ -19,7 +19,6 @@ hold that tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -39,13 +38,16 @@ class PrefixEncoder(AdapterModule):
         head_dim: width of one head.
     """
 
+    adapter_tables = {"prefix": "virtual_tokens", "embedding": "virtual_tokens", "mlp": "virtual_tokens"}
+    single_active = True
+    method_label = "prefix-tuning"
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix = nn.ParameterDict()      # plain adapters: (N, num_layers * 2 * kv_dim)
         self.embedding = nn.ParameterDict()   # reparameterised adapters: E (N, kv_dim) ...
         self.mlp = nn.ModuleDict()            # ... and the MLP that maps it to the prefix
-        self.active_adapters: list[str] = []
 
     @property
     def kv_dim(self) -> int:
@@ -123,25 +125,6 @@ class PrefixEncoder(AdapterModule):
         del self.mlp[name], self.embedding[name]
 
     # -- adapter protocol -------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.prefix) + list(self.embedding)
-
-    def set_active_adapters(self, names: list[str]) -> None:
-        mine = [n for n in names if n in self.adapter_names]
-        if len(mine) > 1:
-            raise ValueError(f"only one prefix-tuning adapter can be active at a time, got {mine}.")
-        self.active_adapters = mine
-
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else self.adapter_names:
-            if adapter in self.prefix:
-                yield f"prefix.{adapter}", self.prefix[adapter]
-            else:
-                yield f"embedding.{adapter}", self.embedding[adapter]
-                for local, param in self.mlp[adapter].named_parameters():
-                    yield f"mlp.{adapter}.{local}", param
-
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         # Files hold the folded prefix under PEFT's key, whatever the parameterisation.
         return {"prompt_embeddings": self.flat(name).detach()}
@@ -150,12 +133,6 @@ class PrefixEncoder(AdapterModule):
         self.fold(name)  # a saved prefix is the folded tensor
         with torch.no_grad():
             self.prefix[name].copy_(tensors["prompt_embeddings"])
-
-    def delete_adapter(self, name: str) -> None:
-        for table in (self.prefix, self.embedding, self.mlp):
-            if name in table:
-                del table[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

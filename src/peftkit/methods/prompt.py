@@ -9,7 +9,6 @@ stored in float32, as Hugging Face PEFT does, and cast to the model's dtype when
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -28,11 +27,14 @@ class PromptEncoder(AdapterModule):
         token_dim: width of the model's input embeddings.
     """
 
+    adapter_tables = {"embeddings": "virtual_tokens"}
+    single_active = True
+    method_label = "prompt-tuning"
+
     def __init__(self, token_dim: int) -> None:
         super().__init__()
         self.token_dim = token_dim
         self.embeddings = nn.ParameterDict()
-        self.active_adapters: list[str] = []
 
     def add_adapter(self, name: str, init: torch.Tensor) -> None:
         """Create adapter ``name`` with the prompt ``init`` (N, token_dim), copied as float32."""
@@ -49,20 +51,6 @@ class PromptEncoder(AdapterModule):
         return prompt.unsqueeze(0).expand(batch, -1, -1)
 
     # -- adapter protocol -------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.embeddings)
-
-    def set_active_adapters(self, names: list[str]) -> None:
-        mine = [n for n in names if n in self.embeddings]
-        if len(mine) > 1:
-            raise ValueError(f"only one prompt-tuning adapter can be active at a time, got {mine}.")
-        self.active_adapters = mine
-
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else self.adapter_names:
-            yield f"embeddings.{adapter}", self.embeddings[adapter]
-
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         # Hugging Face PEFT's one key for every prompt-learning method.
         return {"prompt_embeddings": self.embeddings[name]}
@@ -70,10 +58,6 @@ class PromptEncoder(AdapterModule):
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.embeddings[name].copy_(tensors["prompt_embeddings"])
-
-    def delete_adapter(self, name: str) -> None:
-        del self.embeddings[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def extra_repr(self) -> str:
         return f"token_dim={self.token_dim}, prompts={ {n: p.shape[0] for n, p in self.embeddings.items()} }"

@@ -10,7 +10,6 @@ the module's own path (``base_model.model.classifier.weight``), as PEFT writes i
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,11 +25,12 @@ class TrainedCopy(AdapterModule):
         original: the model's module; never trained here, given back by ``unwrap``.
     """
 
+    adapter_tables = {"copies": "full"}
+
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original = original
         self.copies = nn.ModuleDict()
-        self.active_adapters: list[str] = []
 
     def add_adapter(self, name: str) -> None:
         """Give adapter ``name`` its own copy, starting from the original's weights."""
@@ -44,27 +44,11 @@ class TrainedCopy(AdapterModule):
         return self.current()(*args, **kwargs)
 
     # -- adapter protocol -------------------------------------------------
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.copies)
-
-    def set_active_adapters(self, names: list[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.copies]
-
-    def adapter_parameters(self, name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-        for adapter in [name] if name is not None else list(self.copies):
-            for local, param in self.copies[adapter].named_parameters():
-                yield f"copies.{adapter}.{local}", param
-
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return {k: t.detach() for k, t in self.copies[name].state_dict().items()}
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.copies[name].load_state_dict(tensors, strict=True)
-
-    def delete_adapter(self, name: str) -> None:
-        del self.copies[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def unwrap(self) -> nn.Module:
         return self.original

@@ -6,7 +6,7 @@ that adapters depend on: ``attention_mask`` covers past + current tokens, labels
 shifted inside ``forward``, the KV cache is a tuple over layers of ``(key, value)``,
 and ``generate`` returns prompt + new tokens.
 
-Shapes: B = batch, T = current tokens, P = cached (past) tokens, N = prefix tokens,
+Shapes: B = batch, T = current tokens, P = cached (past) tokens,
 H = heads, D = head_dim = hidden_size / H, V = vocab_size.
 """
 
@@ -98,7 +98,7 @@ class SelfAttention(nn.Module):
     """Multi-head scaled dot-product attention with explicit masking.
 
     out = o(softmax(q kᵀ / sqrt(D) masked) v), with keys and values ordered
-    [prefix, past, current]. The four projections are plain ``nn.Linear`` named
+    [past, current]. The four projections are plain ``nn.Linear`` named
     ``q``, ``k``, ``v``, ``o`` so that adapters can target them by name.
     """
 
@@ -120,11 +120,9 @@ class SelfAttention(nn.Module):
         hidden: Tensor,
         allowed: Tensor,
         past_key_value: Optional[KeyValue] = None,
-        prefix_key_value: Optional[KeyValue] = None,
     ) -> Tuple[Tensor, KeyValue]:
-        """hidden (B, T, C); allowed (B, 1, T, N + P + T) bool, True where a query may
-        look. Returns the output (B, T, C) and this layer's cache (B, H, P + T, D),
-        which never includes the prefix."""
+        """hidden (B, T, C); allowed (B, 1, T, P + T) bool, True where a query may
+        look. Returns the output (B, T, C) and this layer's cache (B, H, P + T, D)."""
         query = self._split_heads(self.q(hidden))
         key = self._split_heads(self.k(hidden))
         value = self._split_heads(self.v(hidden))
@@ -133,9 +131,6 @@ class SelfAttention(nn.Module):
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)
         present = (key, value)
-        if prefix_key_value is not None:
-            key = torch.cat([prefix_key_value[0], key], dim=2)
-            value = torch.cat([prefix_key_value[1], value], dim=2)
 
         scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
         # A finite fill instead of -inf: a query that may see nothing (a pad query)
@@ -176,9 +171,8 @@ class DecoderBlock(nn.Module):
         hidden: Tensor,
         allowed: Tensor,
         past_key_value: Optional[KeyValue] = None,
-        prefix_key_value: Optional[KeyValue] = None,
     ) -> Tuple[Tensor, KeyValue]:
-        attn_out, present = self.attn(self.ln_attn(hidden), allowed, past_key_value, prefix_key_value)
+        attn_out, present = self.attn(self.ln_attn(hidden), allowed, past_key_value)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.ln_mlp(hidden))
         return hidden, present
@@ -231,7 +225,6 @@ class ReferenceDecoder(nn.Module):
         inputs_embeds: Optional[Tensor] = None,
         past_key_values: Optional[Sequence[KeyValue]] = None,
         use_cache: bool = False,
-        prefix_key_values: Optional[Sequence[KeyValue]] = None,
     ) -> ReferenceOutput:
         """Run the decoder on T new tokens.
 
@@ -246,12 +239,11 @@ class ReferenceDecoder(nn.Module):
                 (mask cumsum - 1, clamped at 0), so a padded row sits exactly where it
                 would alone; without a mask, positions are P + arange(T).
             inputs_embeds: (B, T, C) token embeddings in place of ``input_ids``.
-            past_key_values: the cache returned by an earlier call with ``use_cache``.
+            past_key_values: one (key, value) per layer, each (B, H, P, D): the cache
+                returned by an earlier call with ``use_cache``, or any keys and values
+                to attend to first (prefix tuning hands its prefix in this way, with the
+                mask and positions extended, as it does to a transformers model).
             use_cache: return the updated cache in ``past_key_values``.
-            prefix_key_values: one (key, value) per layer, each (B, H, N, D), that every
-                query may attend to, placed before the past and current keys. The
-                prefix is not part of ``attention_mask``, is never cached or returned,
-                and does not move positions: it is the hook prefix tuning uses.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -261,7 +253,6 @@ class ReferenceDecoder(nn.Module):
         device = inputs_embeds.device
 
         past_length = self._check_past(past_key_values, batch)
-        n_prefix = self._check_prefix(prefix_key_values, batch)
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + seq):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
@@ -281,12 +272,11 @@ class ReferenceDecoder(nn.Module):
             )
 
         hidden = inputs_embeds + self.embed_positions(position_ids)
-        allowed = self._allowed_keys(attention_mask, batch, seq, past_length, n_prefix, device)
+        allowed = self._allowed_keys(attention_mask, batch, seq, past_length, device)
         presents = []
         for index, layer in enumerate(self.layers):
             past = past_key_values[index] if past_key_values is not None else None
-            prefix = prefix_key_values[index] if n_prefix else None
-            hidden, present = layer(hidden, allowed, past, prefix)
+            hidden, present = layer(hidden, allowed, past)
             presents.append(present)
         logits = self.lm_head(self.norm(hidden))
 
@@ -315,47 +305,22 @@ class ReferenceDecoder(nn.Module):
             raise ValueError(f"past key has shape {tuple(key.shape)}, expected {expected}")
         return key.shape[2]
 
-    def _check_prefix(self, prefix_key_values: Optional[Sequence[KeyValue]], batch: int) -> int:
-        """Validate the prefix and return its length N (0 when absent)."""
-        if prefix_key_values is None:
-            return 0
-        if len(prefix_key_values) != self.config.num_layers:
-            raise ValueError(
-                f"prefix_key_values has {len(prefix_key_values)} layers, the model has "
-                f"{self.config.num_layers}"
-            )
-        # One mask serves every layer, so all layers share the prefix length.
-        n_prefix = prefix_key_values[0][0].shape[2]
-        expected = (batch, self.config.num_heads, n_prefix, self.config.head_dim)
-        for index, (key, value) in enumerate(prefix_key_values):
-            for name, tensor in (("key", key), ("value", value)):
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(
-                        f"prefix {name} of layer {index} has shape {tuple(tensor.shape)}, "
-                        f"expected (batch, num_heads, n_prefix, head_dim) = {expected}"
-                    )
-        return n_prefix
-
     @staticmethod
     def _allowed_keys(
         attention_mask: Optional[Tensor],
         batch: int,
         seq: int,
         past_length: int,
-        n_prefix: int,
         device: torch.device,
     ) -> Tensor:
-        """(B, 1, T, N + P + T) bool: the prefix is always visible; past and current
-        keys are visible when not in the future of the query and not padding."""
+        """(B, 1, T, P + T) bool: past and current keys are visible when not in the
+        future of the query and not padding."""
         total = past_length + seq
         query_index = torch.arange(past_length, total, device=device)
         causal = torch.arange(total, device=device)[None, :] <= query_index[:, None]
         allowed = causal[None, None].expand(batch, 1, seq, total)
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
-        if n_prefix:
-            prefix = torch.ones(batch, 1, seq, n_prefix, dtype=torch.bool, device=device)
-            allowed = torch.cat([prefix, allowed], dim=-1)
         return allowed
 
     @torch.no_grad()
@@ -368,7 +333,6 @@ class ReferenceDecoder(nn.Module):
         temperature: float = 1.0,
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
-        prefix_key_values: Optional[Sequence[KeyValue]] = None,
     ) -> Tensor:
         """Extend each row of ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens.
 
@@ -399,7 +363,7 @@ class ReferenceDecoder(nn.Module):
         step_ids = sequences
         for _ in range(max_new_tokens):
             output = self(step_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                          use_cache=True, prefix_key_values=prefix_key_values)
+                          use_cache=True)
             past_key_values = output.past_key_values
             logits = output.logits[:, -1, :].float()
             if do_sample:

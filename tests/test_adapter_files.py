@@ -1,7 +1,8 @@
 """Adapter files (M10): what a user relies on when saving, sharing and loading adapters.
 
 Covers the peftkit round trip, moving adapters both ways between peftkit and Hugging Face
-PEFT, clear errors for every broken folder, atomic writes, and the trainable flag.
+PEFT, what the file records about the base model, clear errors for every broken folder,
+and the trainable flag (crash safety is tests/formats/test_atomic.py's).
 Every model is a tiny seeded random-weight transformers model; LoRA weights are set to
 random values before saving, so that no comparison is trivially equal (B = 0 at init).
 """
@@ -18,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-import peftkit.io
 from peftkit import AdapterFileError
 from peftkit.methods.base import adapter_modules
 
@@ -272,7 +272,61 @@ def test_hf_saved_embedding_that_differs_replaces_the_base_with_a_warning(tmp_pa
     torch.testing.assert_close(output(pm), hf_out, rtol=0, atol=1e-5)
 
 
-# -- 3. errors --------------------------------------------------------------------------------
+# -- 3. what the file records, and saving over an existing folder ----------------------------
+def test_an_adapter_records_the_folder_its_transformers_model_came_from(tmp_path):
+    """As Hugging Face PEFT does (``base_model_name_or_path`` from the model's name_or_path),
+    so that ``peftkit export`` finds the base model without --model."""
+    from conftest import save_transformers_folder
+    from transformers import LlamaForCausalLM
+
+    save_transformers_folder(llama(), tmp_path / "base")
+    config = dict(r=4, alpha=8, target_modules="all-linear")
+    pm = peftkit.attach(LlamaForCausalLM.from_pretrained(tmp_path / "base"), peftkit.LoraConfig(**config))
+    pm.save(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["base_model_name_or_path"]
+    hf = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert recorded == hf.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+
+    named = peftkit.attach(llama(), peftkit.LoraConfig(**config, base_model_name_or_path="my/base"))
+    named.save(tmp_path / "named")  # a config that names its base keeps that name
+    assert json.loads((tmp_path / "named" / CONFIG_NAME).read_text())["base_model_name_or_path"] == "my/base"
+
+    pytest.importorskip("gguf")
+    from peftkit.cli import main
+
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--gguf", str(tmp_path / "a.gguf")]) == 0
+    assert (tmp_path / "a.gguf").is_file()
+
+
+def test_saving_into_existing_folder_replaces_both_files_only(tmp_path, saved):
+    directory, _ = saved
+    (directory / "README.md").write_text("my notes")
+    (directory / "training_args.json").write_text("{}")
+
+    pm, _ = peftkit_adapted(llama, seed=0, r=2, alpha=2, target_modules=["k_proj"], use_rslora=True)
+    pm.save(directory)
+
+    assert (directory / "README.md").read_text() == "my notes"
+    assert (directory / "training_args.json").read_text() == "{}"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "README.md", CONFIG_NAME, WEIGHTS_NAME, "training_args.json"]
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    assert (config["r"], config["target_modules"], config["use_rslora"]) == (2, ["k_proj"], True)
+    assert all(".k_proj." in k for k in load_file(directory / WEIGHTS_NAME))
+    torch.testing.assert_close(output(peftkit.load(llama(), directory)), output(pm), rtol=0, atol=0)
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    pm, _ = peftkit_adapted(llama, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    target = tmp_path / "adapter"
+    target.write_text("not a folder")
+    with pytest.raises(AdapterFileError, match="not a folder"):
+        pm.save(target)
+    assert target.read_text() == "not a folder"
+
+
+# -- 4. errors --------------------------------------------------------------------------------
 def write_config(directory: Path, **changes) -> None:
     path = directory / CONFIG_NAME
     data = json.loads(path.read_text())
@@ -432,79 +486,6 @@ def test_legacy_bin_with_pickled_object_is_refused_unexecuted(saved, payload):
     assert "adapter_model.bin" in str(info.value)
     assert not marker.exists(), "the pickled payload was executed"
     assert_untouched(model, expected)
-
-
-# -- 4. atomic writes -------------------------------------------------------------------------
-def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
-
-
-def fail_on_call(monkeypatch, function_name: str, call: int) -> None:
-    """Make ``os.<function_name>`` (as peftkit.io sees it) raise on its ``call``-th use."""
-    real = getattr(peftkit.io.os, function_name)
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise OSError(f"simulated failure of {function_name}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(peftkit.io.os, function_name, flaky)
-
-
-def test_saving_into_existing_folder_replaces_both_files_only(tmp_path, saved):
-    directory, _ = saved
-    (directory / "README.md").write_text("my notes")
-    (directory / "training_args.json").write_text("{}")
-
-    pm, _ = peftkit_adapted(llama, seed=0, r=2, alpha=2, target_modules=["k_proj"], use_rslora=True)
-    pm.save(directory)
-
-    assert (directory / "README.md").read_text() == "my notes"
-    assert (directory / "training_args.json").read_text() == "{}"
-    assert leftovers(directory) == ["README.md", "training_args.json"]
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    assert (config["r"], config["target_modules"], config["use_rslora"]) == (2, ["k_proj"], True)
-    assert all(".k_proj." in k for k in load_file(directory / WEIGHTS_NAME))
-    torch.testing.assert_close(output(peftkit.load(llama(), directory)), output(pm), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("function_name", ["replace", "fsync"])
-def test_failed_save_into_existing_folder_keeps_previous_adapter(tmp_path, saved, monkeypatch, function_name):
-    directory, expected = saved
-    (directory / "README.md").write_text("my notes")
-    # A different adapter (other rank and layers), so a half-written mix could not load.
-    pm, _ = peftkit_adapted(llama, seed=0, r=2, alpha=2, target_modules=["k_proj", "o_proj"])
-
-    fail_on_call(monkeypatch, function_name, call=2)
-    with pytest.raises(OSError, match="simulated"):
-        pm.save(directory)
-    monkeypatch.undo()
-
-    assert leftovers(directory) == ["README.md"], "temporary files were left behind"
-    torch.testing.assert_close(output(peftkit.load(llama(), directory)), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("function_name,call", [("replace", 1), ("replace", 2), ("replace", 3), ("fsync", 2)])
-def test_failed_save_into_new_folder_leaves_nothing(tmp_path, monkeypatch, function_name, call):
-    pm, _ = peftkit_adapted(llama, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    parent = tmp_path / "runs"
-    parent.mkdir()
-    fail_on_call(monkeypatch, function_name, call=call)
-    with pytest.raises(OSError, match="simulated"):
-        pm.save(parent / "adapter")
-    monkeypatch.undo()
-    assert list(parent.iterdir()) == []
-
-
-def test_save_onto_a_file_is_refused(tmp_path):
-    pm, _ = peftkit_adapted(llama, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    target = tmp_path / "adapter"
-    target.write_text("not a folder")
-    with pytest.raises(AdapterFileError, match="not a folder"):
-        pm.save(target)
-    assert target.read_text() == "not a folder"
 
 
 # -- 5. trainable flag --------------------------------------------------------------------------

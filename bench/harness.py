@@ -1,0 +1,246 @@
+"""What every benchmark here shares: a case in a fresh worker process, its peak memory, the
+machine it ran on, and the markdown it is reported in.
+
+A benchmark's parent process starts one worker per case (``python -m bench.<module> --worker
+CASE ...``) so that the worker's peak resident memory belongs to that case alone. The worker
+prints one marked JSON line (:func:`emit_result`); the parent finds it in the worker's output
+(:func:`run_worker`) and turns it, or the way the worker failed, into a row (:func:`worker_row`).
+A case that fails becomes an error row; the other cases still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+RESULT_MARKER = "@@BENCH_RESULT@@ "
+
+
+# --------------------------------------------------------------------------- in a worker
+
+
+def import_peftkit():
+    """peftkit from this working tree's ``src/``, whether or not it is installed."""
+    src = str(REPO_ROOT / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    import peftkit
+
+    return peftkit
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024.0
+
+
+def library_version(case: str) -> str | None:
+    """Version of the adapter library a ``peftkit-*`` or ``peft-*`` case used, read from the
+    module this process imported; None for a case of neither library."""
+    if case.startswith("peftkit-"):
+        return getattr(sys.modules.get("peftkit"), "__version__", None)
+    if case.startswith("peft-"):
+        return sys.modules["peft"].__version__
+    return None
+
+
+def emit_result(measure: Callable[[], dict], identity: dict) -> int:
+    """Worker entry point: run ``measure`` and print its result as one marked JSON line. Any
+    exception (KeyboardInterrupt and SystemExit too) is printed to stderr and reported as
+    ``{**identity, "error": ...}`` instead, so the parent always gets a row."""
+    try:
+        result = measure()
+    except BaseException as exc:
+        traceback.print_exc()
+        result = {**identity, "error": f"{type(exc).__name__}: {exc}"}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- in the parent
+
+
+def worker_env(threads: int, offline: bool = True) -> dict[str, str]:
+    """The environment of a worker process: ``threads`` math threads, ``bench`` importable
+    from any working directory and, when ``offline``, local model files only."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if offline:
+        env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@dataclass
+class WorkerOutcome:
+    """How a worker process ended: its marked result (None if it printed none), its exit
+    code (None if it was killed for running past the timeout), its stderr and wall time."""
+
+    result: dict | None
+    returncode: int | None
+    stderr: str
+    wall_s: float
+
+    def stderr_tail(self, lines: int) -> list[str]:
+        return self.stderr.strip().splitlines()[-lines:]
+
+
+def run_worker(module: str, argv: Sequence[str], env: dict[str, str],
+               timeout: float | None = None) -> WorkerOutcome:
+    """Run ``python -m module *argv`` in a fresh interpreter and read its marked result line."""
+    cmd = [sys.executable, "-m", module, *argv]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return WorkerOutcome(None, None, "", time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return WorkerOutcome(json.loads(line[len(RESULT_MARKER):]), proc.returncode, proc.stderr, wall)
+    return WorkerOutcome(None, proc.returncode, proc.stderr, wall)
+
+
+def worker_row(outcome: WorkerOutcome, identity: dict, timeout: float | None) -> dict:
+    """The row for one worker run: its result with ``wall_s``, or an error row that names
+    ``identity`` (case, seed ...) and says how the worker ended."""
+    if outcome.result is not None:
+        return {**outcome.result, "wall_s": outcome.wall_s}
+    if outcome.returncode is None:
+        return {**identity, "error": f"timed out after {timeout} s", "wall_s": outcome.wall_s}
+    tail = " | ".join(outcome.stderr_tail(3))
+    return {**identity, "error": f"subprocess exited with code {outcome.returncode}: {tail}",
+            "wall_s": outcome.wall_s}
+
+
+def load_average() -> float:
+    """The 1-minute load average, recorded before each case as ``loadavg_before``."""
+    return os.getloadavg()[0]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    """CPU model and count, the threads each worker uses, platform and library versions."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+    }
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ratio(rows: dict, case: str, reference: str | None, key: str) -> float | None:
+    """rows[case][key] / rows[reference][key], or None if either is missing (or zero below)."""
+    a, b = rows.get(case, {}), rows.get(reference, {})
+    if a.get(key) is None or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def expand_cases(text: str, known: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """Comma-separated case and group names -> case names, for an argparse ``type=``.
+
+    Groups expand in place; a case named twice runs once, where it first appears.
+    """
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in known and c not in groups]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {unknown}; choose from {known} or the groups {sorted(groups)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no cases given")
+    cases: list[str] = []
+    for name in names:
+        for case in groups.get(name, [name]):
+            if case not in cases:
+                cases.append(case)
+    return cases
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then os.replace it into place, so that a
+    reader never sees a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be read
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or "–" when it was not measured."""
+    return "–" if value is None else format(value, spec) + suffix
+
+
+def table_row(cells: Sequence[str]) -> str:
+    """One markdown table row; an empty cell is written "| |"."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def table_head(columns: Sequence[str], left: int = 1) -> list[str]:
+    """A markdown table's header and separator lines: the first ``left`` columns (and any
+    whose name starts with "<") left-aligned, the others right-aligned."""
+    names = [c.removeprefix("<") for c in columns]
+    align = ["---" if i < left or c.startswith("<") else "---:" for i, c in enumerate(columns)]
+    return [table_row(names), "|" + "|".join(align) + "|"]
+
+
+def error_cells(case: str, error: str, columns: int, limit: int | None = None) -> list[str]:
+    """The cells of an error row: the case, the message on one line (no "|"), then blanks."""
+    message = " ".join(error.split()).replace("|", "/")[:limit]
+    return [case, f"error: {message}"] + [""] * (columns - 2)

@@ -1,0 +1,224 @@
+"""The cases, their fixed settings and design targets, and what a worker process does: build
+one case's model and time its training step."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from bench import harness
+
+REFERENCE_CASES = ["full", "floor"]
+LORA_CASES = ["peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
+METHOD_CASES = [
+    "peft-prefix", "peft-prompt",
+    "peftkit-adapter-pfeiffer", "peftkit-adapter-houlsby", "peftkit-prefix", "peftkit-prompt",
+]
+CASES = REFERENCE_CASES + LORA_CASES + METHOD_CASES
+# Names accepted by --cases besides the case names; each includes full and floor.
+CASE_GROUPS = {
+    "all": CASES,
+    "lora": REFERENCE_CASES + LORA_CASES,
+    "methods": REFERENCE_CASES + METHOD_CASES,
+}
+QV_TARGETS = ["q_proj", "v_proj"]
+
+# The Hugging Face PEFT case each peftkit case is compared with (same method and
+# settings). Bottleneck adapters have none: PEFT doesn't implement them.
+PEFT_COUNTERPART = {
+    "peftkit-qv": "peft-qv",
+    "peftkit-all-linear": "peft-all-linear",
+    "peftkit-prefix": "peft-prefix",
+    "peftkit-prompt": "peft-prompt",
+}
+
+MODEL_CONFIG = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=1408,
+    vocab_size=32000,
+    max_position_embeddings=512,
+)
+BATCH, SEQ_LEN = 4, 256
+LR = 1e-4
+SEED = 0
+ATTN_IMPLEMENTATION = "sdpa"
+LORA = dict(r=8, alpha=16, dropout=0.0)
+ADAPTER = dict(bottleneck=64)  # placement from the case name: pfeiffer or houlsby
+NUM_VIRTUAL_TOKENS = 20  # prefix and prompt tuning
+
+# Design targets: (case, reference case, metric, max ratio).
+TARGETS = [
+    ("peftkit-qv", "floor", "median_s", 1.03),
+    ("peftkit-all-linear", "floor", "median_s", 1.08),
+    ("peftkit-qv", "peft-qv", "median_s", 1.00),
+    ("peftkit-all-linear", "peft-all-linear", "median_s", 1.00),
+    ("peftkit-qv", "peft-qv", "peak_rss_mb", 1.00),
+    ("peftkit-all-linear", "peft-all-linear", "peak_rss_mb", 1.00),
+    ("peftkit-prefix", "peft-prefix", "median_s", 1.00),
+    ("peftkit-prompt", "peft-prompt", "median_s", 1.00),
+    ("peftkit-prefix", "peft-prefix", "peak_rss_mb", 1.00),
+    ("peftkit-prompt", "peft-prompt", "peak_rss_mb", 1.00),
+]
+
+NOISY_SPREAD = 1.10  # a median this far above the min marks a row as noisy
+MIN_STEPS_FOR_VERDICT = 3  # with fewer timed steps per case, the spread can't show noise
+
+
+def build_model():
+    """The seeded random-weight Llama every case starts from, in training mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**MODEL_CONFIG, use_cache=False, attn_implementation=ATTN_IMPLEMENTATION)
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.train()
+    return model
+
+
+def make_batch():
+    import torch
+
+    gen = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(0, MODEL_CONFIG["vocab_size"], (BATCH, SEQ_LEN), generator=gen)
+
+
+def trainable(params) -> list:
+    return [p for p in params if p.requires_grad]
+
+
+def lm_step_fn(model, params, ids):
+    """The standard training step: zero_grad + forward + backward + AdamW step."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=LR)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def floor_step_fn(model, ids):
+    """Forward + backward through a fully frozen model, activation gradients included."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        inputs_embeds = embed(ids).detach().requires_grad_()
+        loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def peft_config(method: str):
+    """Hugging Face PEFT's config for a ``peft-<method>`` case."""
+    import peft
+
+    if method in ("qv", "all-linear"):
+        return peft.LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=QV_TARGETS if method == "qv" else "all-linear",
+        )
+    if method == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    raise ValueError(f"no PEFT case for {method!r}")
+
+
+def peft_model(model, method: str):
+    import peft
+
+    return peft.get_peft_model(model, peft_config(method))
+
+
+def peftkit_config(method: str):
+    """peftkit's config for a ``peftkit-<method>`` case."""
+    import peftkit
+
+    if method in ("qv", "all-linear"):
+        return peftkit.LoraConfig(
+            r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+            target_modules=QV_TARGETS if method == "qv" else "all-linear",
+        )
+    if method.startswith("adapter-"):
+        return peftkit.AdapterConfig(bottleneck=ADAPTER["bottleneck"], placement=method.removeprefix("adapter-"))
+    if method == "prefix":
+        return peftkit.PrefixConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    if method == "prompt":
+        return peftkit.PromptConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    raise ValueError(f"no peftkit case for {method!r}")
+
+
+def peftkit_model(model, method: str):
+    peftkit = harness.import_peftkit()
+    return peftkit.attach(model, peftkit_config(method))
+
+
+def setup_case(case: str, ids):
+    """Build the model for ``case``; return (step function, trainable parameter count)."""
+    model = build_model()
+    if case == "floor":
+        return floor_step_fn(model, ids), 0
+    if case == "full":
+        wrapped = model
+    else:
+        library, _, method = case.partition("-")
+        wrapped = peft_model(model, method) if library == "peft" else peftkit_model(model, method)
+    params = trainable(wrapped.parameters())
+    return lm_step_fn(wrapped, params, ids), sum(p.numel() for p in params)
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones; return (seconds, last loss)."""
+    loss = float("nan")
+    for _ in range(warmup):
+        loss = step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return times, loss
+
+
+def run_case(case: str, warmup: int, steps: int, threads: int) -> dict:
+    """Measure one case in this process; the result is a JSON-able dict."""
+    import torch
+    import transformers  # noqa: F401  (imported here so rss_after_import counts it)
+
+    torch.set_num_threads(threads)
+    rss_after_import = harness.peak_rss_mb()
+    ids = make_batch()
+    step, n_trainable = setup_case(case, ids)
+    rss_after_setup = harness.peak_rss_mb()
+    times, loss = time_steps(step, warmup, steps)
+    return {
+        "case": case,
+        "library_version": harness.library_version(case),
+        "trainable_params": n_trainable,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "step_s": times,
+        "peak_rss_mb": harness.peak_rss_mb(),
+        "rss_after_import_mb": rss_after_import,
+        "rss_after_setup_mb": rss_after_setup,
+        "final_loss": loss,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def worker_main(case: str, warmup: int, steps: int, threads: int) -> int:
+    """Subprocess entry point: print one marked JSON line, success or error."""
+    return harness.emit_result(lambda: run_case(case, warmup, steps, threads), {"case": case})
