@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BUILDERS
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,34 +30,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-# -- helpers (kept here: tests/conftest.py is shared with other test files) -----------------
-def llama(seed: int = 0, hidden_size: int = 64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                         max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
-
-
-def bert(seed: int = 0):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, vocab_size=128, max_position_embeddings=64)
-    return BertModel(config).eval()
-
-
-BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert}
+# -- helpers ----------------------------------------------------------------------------
+BUILDERS = {name: BUILDERS[name] for name in ("llama", "gpt2", "bert")}
+llama, gpt2, bert = BUILDERS["llama"], BUILDERS["gpt2"], BUILDERS["bert"]
 
 
 def input_ids() -> torch.Tensor:
@@ -276,7 +252,7 @@ def test_hf_saved_embedding_that_differs_replaces_the_base_with_a_warning(tmp_pa
 def test_an_adapter_records_the_folder_its_transformers_model_came_from(tmp_path):
     """As Hugging Face PEFT does (``base_model_name_or_path`` from the model's name_or_path),
     so that ``peftkit export`` finds the base model without --model."""
-    from conftest import save_transformers_folder
+    from helpers import save_transformers_folder
     from transformers import LlamaForCausalLM
 
     save_transformers_folder(llama(), tmp_path / "base")

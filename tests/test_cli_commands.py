@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference
+from helpers import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference
 from safetensors.torch import load_file
 
 from peftkit.pretrain import task_lines

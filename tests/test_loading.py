@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_transformers_folder, tiny_llama, tiny_reference
+from helpers import save_transformers_folder, tiny_llama, tiny_reference
 
 import peftkit.pretrain
 from peftkit.loading import ModelLoadError, load_model
@@ -40,7 +40,7 @@ def test_reference_folder_and_transformers_folder(tmp_path):
 
 
 def test_classification_head_from_a_folder(tmp_path):
-    from conftest import tiny_bert
+    from helpers import tiny_bert
 
     save_transformers_folder(tiny_bert(), tmp_path / "bert")
     loaded = load_model(tmp_path / "bert", task="classification", num_labels=3)

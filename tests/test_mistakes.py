@@ -6,30 +6,15 @@ wrong result it gives, and shows peftkit doing the same job right.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llama, tiny_reference
+from helpers import HandLora, randomize_adapters, tiny_llama, tiny_reference
 from torch import nn
 
 import peftkit
 from peftkit.adapter_files import adapter_tensors
-
-
-class HandLora(nn.Module):
-    """LoRA as a tutorial writes it: frozen W plus trainable A and B, with knobs for mistakes."""
-
-    def __init__(self, linear: nn.Linear, r: int, alpha: float, *, zero_b=True, scale=True):
-        super().__init__()
-        self.linear = linear
-        self.A = nn.Parameter(torch.randn(r, linear.in_features) / math.sqrt(linear.in_features))
-        self.B = nn.Parameter(torch.zeros(linear.out_features, r) if zero_b else torch.randn(linear.out_features, r))
-        self.scaling = alpha / r if scale else 1.0
-
-    def forward(self, x):
-        return self.linear(x) + self.scaling * (x @ self.A.t() @ self.B.t())
 
 
 def one_step(model, ids, params, lr=1e-2):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILDERS, model_output, randomize_adapters, tiny_llama, tiny_reference
+from helpers import BUILDERS, model_output, randomize_adapters, tiny_llama, tiny_reference
 
 import peftkit
 from peftkit.methods.base import AdapterModule
@@ -154,7 +154,7 @@ def test_generate_goes_through_the_wrapped_model():
 
 
 def _tied_gpt2_with_embedding_lora():
-    from conftest import tiny_gpt2
+    from helpers import tiny_gpt2
 
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties them

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_bert_classifier, tiny_llama
+from helpers import randomize_adapters, tiny_bert_classifier, tiny_llama
 
 import peftkit
 from peftkit import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_reference
+from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_reference
 from torch import nn
 
 import peftkit

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_reference
+from helpers import tiny_reference
 
 import peftkit
 from peftkit.train import (LORA_PLUS_RATIO, _checkpoint_paths, default_learning_rate, default_parameter_groups,

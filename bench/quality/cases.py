@@ -38,7 +38,7 @@ LORA_CASES = ["peftkit-qv", "peftkit-all-linear"]
 
 QV_TARGETS = ["query", "value"]  # BERT's attention projections
 # The classifier head and the pooler that feeds it: peftkit's default modules_to_save for a
-# BERT classifier (targets.CLASSIFIER_INPUTS says why), given to PEFT and to "head" as well.
+# BERT classifier (sites.CLASSIFIER_INPUTS says why), given to PEFT and to "head" as well.
 HEAD = ["pooler", "classifier"]
 NUM_VIRTUAL_TOKENS = 20
 MAX_LENGTH = 128  # tokens per review; the longest review has 78, so nothing is cut

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import integrations
+from . import integrations, registry
 from .config import PeftConfig
-from .formats.adapter_folder import AdapterFileError, file_key, module_tensors, read_tensors, write_adapter
-from .formats.peft_config import ModelFacts, config_to_peft, read_config
+from .formats import peft_config
+from .formats.adapter_folder import (AdapterFileError, file_key, module_tensors, read_config_data, read_tensors,
+                                     write_adapter)
+from .formats.peft_config import ModelFacts
 
 if TYPE_CHECKING:  # the model hands itself over; this module never builds one
     from .model import PeftModel
@@ -68,11 +70,23 @@ def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only)."""
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
-    data = config_to_peft(model.configs[name], _facts(model, name))
+    config = model.configs[name]
+    data = registry.method_for(config).to_file(config, _facts(model, name))
     return write_adapter(directory, data, adapter_tensors(model, name))
 
 
 # -- loading --------------------------------------------------------------------------
+def read_config(directory: str | Path) -> PeftConfig:
+    """Parse and validate ``adapter_config.json`` (peftkit's or Hugging Face PEFT's) with the
+    reader of the method its ``peft_type`` names."""
+    data, path = read_config_data(directory)
+    try:
+        method = registry.method_of_type(data.get("peft_type"))
+    except ValueError as e:
+        raise AdapterFileError(f"{path}: {e}") from e
+    return peft_config.parse(method.from_file, data, path)
+
+
 def _check_tensors(model: PeftModel, name: str, found: dict[str, torch.Tensor], directory: Path) -> None:
     expected = adapter_tensors(model, name)
     missing = sorted(set(expected) - set(found))

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from . import integrations, targets
+from . import integrations, sites, targets
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .methods.adapter import AdapterWrapper
 from .methods.lora import LoraLayer
@@ -40,8 +40,8 @@ def attach_lora(peft_model: Any, config: LoraConfig, name: str, trained_in_full:
 def attach_bottleneck(peft_model: Any, config: AdapterConfig, name: str, trained_in_full: list[str]) -> list[str]:
     """Put a bottleneck adapter at every site of ``config.placement``; return their paths."""
     model = peft_model.base_model
-    sites = targets.adapter_sites(model, config)
-    for site in sites:
+    found = sites.adapter_sites(model, config)
+    for site in found:
         wrapper = model.get_submodule(site.path)
         if not isinstance(wrapper, AdapterWrapper):
             wrapper = AdapterWrapper(wrapper)
@@ -49,7 +49,7 @@ def attach_bottleneck(peft_model: Any, config: AdapterConfig, name: str, trained
         wrapper.add_adapter(name, site.width, config.bottleneck, mode=site.mode,
                             activation=config.activation, dropout=config.dropout,
                             scaling=config.scaling)
-    return [site.path for site in sites]
+    return [site.path for site in found]
 
 
 def attach_prompt(peft_model: Any, config: PromptConfig, name: str, trained_in_full: list[str]) -> list[str]:

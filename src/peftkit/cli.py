@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError, read_jsonl
     from .formats.adapter_folder import AdapterFileError
     from .loading import ModelLoadError, load_model
-    from .train import RunFolderError, RunOptions, run_training
+    from .runs import RunFolderError, RunOptions, run_training
 
     try:
         fmt, records = read_jsonl(args.data)
@@ -223,7 +223,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .model import load
     from .formats.adapter_folder import AdapterFileError
-    from .formats.peft_config import read_config
+    from .adapter_files import read_config
     from .loading import ModelLoadError, load_model, save_model_folder
 
     try:
@@ -297,7 +297,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .formats.adapter_folder import CONFIG_NAME, LAYER_PREFIX, AdapterFileError, read_tensors
-    from .formats.peft_config import read_config
+    from .adapter_files import read_config
 
     folder = Path(args.path)
     if args.path == "reference" or not (folder / CONFIG_NAME).is_file() and (
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12")
     check.add_argument("--model", required=True, help="'reference' or a local model folder")
     check.add_argument("--adapter", help="an adapter folder to load onto the model (peftkit's or Hugging Face PEFT's)")
-    check.add_argument("--checkpoint", help="a saved file to check for base-model weights (.safetensors, .bin, .pt)")
+    check.add_argument("--checkpoint", help="a saved file or folder (save_pretrained, Trainer checkpoint-N) to check for base-model weights")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=cmd_doctor)
 

@@ -41,7 +41,7 @@ import torch
 from .config import LoraConfig
 from .formats.adapter_folder import LAYER_PREFIX, read_tensors
 from .formats.gguf import LLAMA_LORA_TENSORS, GgufError, gguf_package, read_header, write_lora_adapter
-from .formats.peft_config import read_config
+from .adapter_files import read_config
 
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight")
 _DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -290,7 +290,6 @@ def describe_model(path: str | Path) -> dict[str, str]:
     path = Path(path)
     gguf_file = gguf_file_in(path) if str(path) != REFERENCE else None
     model = meta_model(path)
-    config = getattr(model, "config", None)
     value = lambda *names: integrations.config_value(model, *names)  # noqa: E731
     facts = {
         "kind": ("GGUF file (dequantized to float32 on load)" if gguf_file else

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, registry, targets, virtual_tokens
+from . import adapter_files, integrations, registry, sites, targets, virtual_tokens
 from .attachers import default_prefix_init
 from .config import PeftConfig, PrefixConfig
 from .methods.base import AdapterModule, adapter_modules
@@ -72,7 +72,7 @@ class PeftModel(nn.Module):
         method = registry.method_for(config)
         if isinstance(config, PrefixConfig) and config.init is None:
             config = dataclasses.replace(config, init=default_prefix_init(self.base_model))
-        copies = targets.trained_copy_paths(self.base_model, config.modules_to_save)
+        copies = sites.trained_copy_paths(self.base_model, config.modules_to_save)
         # The attacher gets the copies too: LoRA leaves the layers inside them alone.
         self.target_paths[name] = method.attach(self, config, name, copies)
         # Recorded as resolved, so the config says what was done (as a reloaded file does).

@@ -6,7 +6,8 @@ input) and whether it folds into the weights, the learning rate it trains well w
 the doctor's too-low floor (M9), and which command-line options set its config.
 ``model.py``, the file format, the training loop, the doctor and the command line ask this
 module; none of them lists the methods. A new method is its module in ``methods/``, its
-config class, its attacher and one record in ``METHODS``.
+config class, its attacher, its file fields (``formats.peft_config``) and one record in
+``METHODS``.
 
 Learning rates, one table with its sources (the default, and the floor below which the
 adapter barely moves in a normal run; full fine-tuning's 1e-5 to 5e-5 is the classic slip):
@@ -35,6 +36,7 @@ from typing import Any
 
 from . import attachers
 from .config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
+from .formats import peft_config as files
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Method:
         learning_rate: the default rate (see the module docstring).
         learning_rate_floor: below it, the doctor warns (M9).
         cli_options: ``peftkit train`` option (argparse dest) -> config field it sets.
+        to_file: ``(config, ModelFacts) -> adapter_config.json fields`` (formats.peft_config).
+        from_file: ``(fields, path) -> config``, refusing what it cannot honour.
     """
 
     name: str
@@ -63,6 +67,8 @@ class Method:
     learning_rate: float
     learning_rate_floor: float
     cli_options: dict[str, str]
+    to_file: Callable[..., dict[str, Any]]
+    from_file: Callable[..., PeftConfig]
 
     @property
     def peft_type(self) -> str:
@@ -73,18 +79,22 @@ METHODS: tuple[Method, ...] = (
     Method("lora", "LoRA", LoraConfig, attachers.attach_lora, input_side=False, mergeable=True,
            learning_rate=2e-4, learning_rate_floor=5e-5,
            cli_options={"r": "r", "alpha": "alpha", "dropout": "dropout", "targets": "target_modules",
-                        "rslora": "use_rslora"}),
+                        "rslora": "use_rslora"},
+           to_file=files.lora_to_peft, from_file=files.lora_from_peft),
     Method("adapter", "bottleneck-adapter", AdapterConfig, attachers.attach_bottleneck, input_side=False,
            mergeable=False, learning_rate=1e-4, learning_rate_floor=1e-4,
            cli_options={"bottleneck": "bottleneck", "placement": "placement", "activation": "activation",
-                        "dropout": "dropout", "targets": "target_modules"}),
+                        "dropout": "dropout", "targets": "target_modules"},
+           to_file=files.bottleneck_to_peft, from_file=files.bottleneck_from_peft),
     Method("prefix", "prefix-tuning", PrefixConfig, attachers.attach_prefix, input_side=True, mergeable=False,
            learning_rate=1e-2, learning_rate_floor=5e-5,
            cli_options={"virtual_tokens": "num_virtual_tokens", "projection_dim": "projection_dim",
-                        "init": "init", "init_text": "init_text"}),
+                        "init": "init", "init_text": "init_text"},
+           to_file=files.prefix_to_peft, from_file=files.prefix_from_peft),
     Method("prompt", "prompt-tuning", PromptConfig, attachers.attach_prompt, input_side=True, mergeable=False,
            learning_rate=3e-2, learning_rate_floor=1e-3,
-           cli_options={"virtual_tokens": "num_virtual_tokens", "init": "init", "init_text": "init_text"}),
+           cli_options={"virtual_tokens": "num_virtual_tokens", "init": "init", "init_text": "init_text"},
+           to_file=files.prompt_to_peft, from_file=files.prompt_from_peft),
 )
 
 # Hugging Face PEFT methods peftkit does not implement but the doctor recognises in a PEFT

@@ -5,31 +5,15 @@ pick findings out of a report."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_reference
+from helpers import HandLora, tiny_llama, tiny_reference
 from torch import nn
 
 from peftkit.doctor import DoctorReport, Finding
 
 peft = pytest.importorskip("peft")
-
-
-class HandLora(nn.Module):
-    """Frozen W plus trainable A, B; ``alpha`` and ``r`` are stored, and knobs plant mistakes."""
-
-    def __init__(self, linear: nn.Linear, r: int, alpha: float, *, zero_b=True, scale=True, freeze=True):
-        super().__init__()
-        self.linear = linear.requires_grad_(not freeze)
-        self.A = nn.Parameter(torch.randn(r, linear.in_features) / math.sqrt(linear.in_features))
-        self.B = nn.Parameter(torch.zeros(linear.out_features, r) if zero_b else torch.randn(linear.out_features, r))
-        self.alpha, self.r, self.scale = alpha, r, scale
-
-    def forward(self, x):
-        s = self.alpha / self.r if self.scale else 1.0  # scale=False: alpha is stored but ignored
-        return self.linear(x) + s * (x @ self.A.t() @ self.B.t())
 
 
 def hand_lora_model(**knobs) -> nn.Module:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_reference
+from helpers import tiny_reference
 from doctor_setups import HandPrompt, adamw, flagged, hand_lora_model, lm_batch, peft_lora
 from torch import nn
 

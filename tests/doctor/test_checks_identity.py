@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import randomize_adapters, tiny_reference
+from helpers import randomize_adapters, tiny_reference
 from doctor_setups import adamw, flagged, hand_adapter_model, hand_lora_model, lm_batch
 from torch import nn
 

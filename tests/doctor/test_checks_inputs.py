@@ -4,7 +4,7 @@ and M11 (prefix attention mask not extended)."""
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_llama, tiny_reference
+from helpers import tiny_llama, tiny_reference
 from doctor_setups import HandPrefix, HandPrompt, adamw, flagged, lm_batch, peft
 
 import peftkit

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_reference
+from helpers import randomize_adapters, tiny_reference
 from doctor_setups import HandLora, adamw, flagged, hand_lora_model, peft_lora
 from torch import nn
 

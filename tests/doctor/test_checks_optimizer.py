@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import tiny_reference
+from helpers import tiny_reference
 from doctor_setups import HandPrompt, adamw, flagged, peft_lora
 
 from peftkit.doctor import doctor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_reference
+from helpers import tiny_reference
 from doctor_setups import adamw, hand_adapter_model, hand_lora_model, lm_batch, peft_lora
 
 import peftkit

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from doctor_setups import adamw, flagged, hand_lora_model, lm_batch, peft, peft_lora
 from torch import nn
 

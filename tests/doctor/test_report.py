@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import save_transformers_folder, tiny_llama
+from helpers import save_transformers_folder, tiny_llama
 from doctor_setups import adamw, hand_lora_model
 
 import peftkit

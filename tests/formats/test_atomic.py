@@ -153,7 +153,7 @@ IDS = torch.arange(10)[None]
 
 def _adapter(tmp_path: Path, name: str, seed: int, **config) -> tuple[Path, torch.Tensor]:
     """An adapter folder with random weights and the output it gives on a fresh model."""
-    from conftest import randomize_adapters, tiny_llama
+    from helpers import randomize_adapters, tiny_llama
 
     pm = peftkit.attach(tiny_llama(), peftkit.LoraConfig(**config))
     randomize_adapters(pm, seed)
@@ -165,7 +165,7 @@ def _adapter(tmp_path: Path, name: str, seed: int, **config) -> tuple[Path, torc
 @pytest.mark.usefixtures("one_thread")
 def test_a_kill_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path):
     pytest.importorskip("transformers")
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     # Another rank and other layers: a mix of the two could not load.
     old, old_out = _adapter(tmp_path, "old", 1, r=4, alpha=8, target_modules=["q_proj", "v_proj"])

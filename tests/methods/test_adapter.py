@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUILDERS, model_output, randomize_adapters, tiny_bert, tiny_llama, tiny_reference
+from helpers import BUILDERS, model_output, randomize_adapters, tiny_bert, tiny_llama, tiny_reference
 from torch import nn
 
 import peftkit

@@ -2,7 +2,7 @@
 reparameterisation and its folding, the extended mask (M11) with padded batches, generation
 through the cache API, and files that move both ways with Hugging Face PEFT.
 
-Every model is a tiny seeded random-weight model (tests/conftest.py); nothing is downloaded.
+Every model is a tiny seeded random-weight model (tests/helpers.py); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
+from helpers import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
 from torch import nn
 from virtual_tokens import assert_padded_batch_exact, greedy_by_recomputing, hidden, pad, rows
 

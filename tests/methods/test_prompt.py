@@ -1,7 +1,7 @@
 """Prompt tuning: the soft prompt at the input embeddings (M7), padded batches, generation,
 initialisation, training, LoRA beside it, and files that move both ways with Hugging Face PEFT.
 
-Every model is a tiny seeded random-weight model (tests/conftest.py); nothing is downloaded.
+Every model is a tiny seeded random-weight model (tests/helpers.py); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
+from helpers import BUILDERS, tiny_bert_classifier, tiny_llama, tiny_reference
 from virtual_tokens import (
     assert_padded_batch_exact, greedy_by_recomputing, hidden, pad, rows,
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig, PromptConfig
-from .adapter_folder import AdapterFileError, read_config_data
+from .adapter_folder import AdapterFileError
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _common(config: PeftConfig, facts: ModelFacts) -> dict[str, Any]:
             "modules_to_save": list(facts.modules_to_save) or None}
 
 
-def _lora_to_peft(config: LoraConfig, facts: ModelFacts) -> dict[str, Any]:
+def lora_to_peft(config: LoraConfig, facts: ModelFacts) -> dict[str, Any]:
     return {
         **{peft: getattr(config, ours) for ours, peft in _LORA_FIELDS.items()}, **_common(config, facts),
         "peft_type": "LORA", "target_modules": list(facts.target_names),
@@ -93,7 +93,7 @@ def _lora_to_peft(config: LoraConfig, facts: ModelFacts) -> dict[str, Any]:
     }
 
 
-def _bottleneck_to_peft(config: AdapterConfig, facts: ModelFacts) -> dict[str, Any]:
+def bottleneck_to_peft(config: AdapterConfig, facts: ModelFacts) -> dict[str, Any]:
     return {**config.to_dict(), **_common(config, facts)}
 
 
@@ -108,7 +108,7 @@ def _prompt_learning_fields(config: PromptConfig | PrefixConfig, facts: ModelFac
     }
 
 
-def _prompt_to_peft(config: PromptConfig, facts: ModelFacts) -> dict[str, Any]:
+def prompt_to_peft(config: PromptConfig, facts: ModelFacts) -> dict[str, Any]:
     """The init is only a record (the saved prompt replaces it). PEFT refuses a ``TEXT``
     init without a tokenizer it can load, so ``TEXT`` is written only when the tokenizer
     has a ``name_or_path``, and ``RANDOM`` otherwise."""
@@ -124,7 +124,7 @@ def _prompt_to_peft(config: PromptConfig, facts: ModelFacts) -> dict[str, Any]:
     }
 
 
-def _prefix_to_peft(config: PrefixConfig, facts: ModelFacts) -> dict[str, Any]:
+def prefix_to_peft(config: PrefixConfig, facts: ModelFacts) -> dict[str, Any]:
     """As PEFT does for grouped-query attention, ``token_dim`` is num_kv_heads * head_dim and
     ``num_attention_heads`` the key/value heads. The file holds the folded prefix, so it is
     described as unprojected (``prefix_projection: false``) whatever peftkit trained with."""
@@ -136,19 +136,6 @@ def _prefix_to_peft(config: PrefixConfig, facts: ModelFacts) -> dict[str, Any]:
     }
 
 
-_WRITERS: dict[str, Callable[[Any, ModelFacts], dict[str, Any]]] = {
-    "LORA": _lora_to_peft, "BOTTLENECK_ADAPTER": _bottleneck_to_peft,
-    "PROMPT_TUNING": _prompt_to_peft, "PREFIX_TUNING": _prefix_to_peft,
-}
-
-
-def config_to_peft(config: PeftConfig, facts: ModelFacts) -> dict[str, Any]:
-    """The adapter_config.json that Hugging Face PEFT writes for the same adapter."""
-    if config.peft_type not in _WRITERS:
-        raise TypeError(f"peftkit cannot save a {type(config).__name__} adapter yet.")
-    return _WRITERS[config.peft_type](config, facts)
-
-
 # -- reading --------------------------------------------------------------------------
 def _read_modules_to_save(value: Any) -> list[str]:
     """A file's ``modules_to_save``: absent or null means no module was saved in full (not
@@ -156,7 +143,7 @@ def _read_modules_to_save(value: Any) -> list[str]:
     return list(value) if value else []
 
 
-def _lora_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
+def lora_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
     ours = {v: k for k, v in _LORA_FIELDS.items()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -178,7 +165,7 @@ def _lora_from_peft(data: dict[str, Any], path: Path) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def _bottleneck_from_peft(data: dict[str, Any], path: Path) -> AdapterConfig:
+def bottleneck_from_peft(data: dict[str, Any], path: Path) -> AdapterConfig:
     return AdapterConfig.from_dict({**data, "modules_to_save": _read_modules_to_save(data.get("modules_to_save"))})
 
 
@@ -219,36 +206,22 @@ def _prompt_learning_kwargs(data: dict[str, Any], path: Path, informational: set
     return kwargs
 
 
-def _prompt_from_peft(data: dict[str, Any], path: Path) -> PromptConfig:
+def prompt_from_peft(data: dict[str, Any], path: Path) -> PromptConfig:
     # The init is a record only: the saved prompt replaces whatever it would give.
     return PromptConfig(**_prompt_learning_kwargs(data, path, _PROMPT_INFORMATIONAL))
 
 
-def _prefix_from_peft(data: dict[str, Any], path: Path) -> PrefixConfig:
+def prefix_from_peft(data: dict[str, Any], path: Path) -> PrefixConfig:
     # The saved prefix replaces any init, so none is computed (a "vocab" init runs the model).
     return PrefixConfig(**_prompt_learning_kwargs(data, path, _PREFIX_INFORMATIONAL), init="random")
 
 
-_READERS: dict[str, Callable[[dict[str, Any], Path], PeftConfig]] = {
-    "LORA": _lora_from_peft, "BOTTLENECK_ADAPTER": _bottleneck_from_peft,
-    "PROMPT_TUNING": _prompt_from_peft, "PREFIX_TUNING": _prefix_from_peft,
-}
-
-
-def config_from_peft(data: dict[str, Any], path: Path) -> PeftConfig:
-    """The peftkit config for the adapter_config.json fields ``data`` (read from ``path``)."""
-    peft_type = data.get("peft_type")
-    if peft_type not in _READERS:
-        raise AdapterFileError(
-            f"{path}: unknown or unsupported peft_type {peft_type!r}; peftkit reads {sorted(_READERS)}.")
+def parse(reader: Callable[[dict[str, Any], Path], PeftConfig], data: dict[str, Any], path: Path) -> PeftConfig:
+    """``reader(data, path)`` (one of the ``*_from_peft`` above, as the method's record names
+    it), with a value its config class refuses reported as an AdapterFileError on ``path``."""
     try:
-        return _READERS[peft_type](data, path)
+        return reader(data, path)
     except AdapterFileError:
         raise
-    except (TypeError, ValueError) as e:  # the config class refused a value
+    except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{path}: {e}") from e
-
-
-def read_config(directory: str | Path) -> PeftConfig:
-    """Parse and validate ``adapter_config.json`` (peftkit's or Hugging Face PEFT's)."""
-    return config_from_peft(*read_config_data(directory))

@@ -187,7 +187,7 @@ class ReferenceDecoder(nn.Module):
 
     peft_default_targets: ClassVar[Tuple[str, ...]] = ("q", "v")
     peft_attention_targets: ClassVar[Tuple[str, ...]] = ("q", "k", "v", "o")
-    # Bottleneck adapter sites (patterns as in ``peftkit.targets.ADAPTER_SITES``).
+    # Bottleneck adapter sites (patterns as in ``peftkit.sites.ADAPTER_SITES``).
     peft_adapter_sites: ClassVar[dict[str, str]] = {"attention_output": r"attn\.o", "ffn_output": "mlp", "ffn": "mlp"}
 
     def __init__(self, config: ReferenceConfig) -> None:
