@@ -69,7 +69,8 @@ def test_console_script_and_module_entry_points_agree():
 def test_init_options_reach_the_prompt_and_the_prefix():
     """--init/--init-text set how a prompt or a prefix starts (--prompt-init is the old name);
     a prefix left alone is decided when attached (tests/methods/test_prefix.py)."""
-    from peftkit.cli import _method_config, build_parser
+    from peftkit.cli import build_parser
+    from peftkit.cli.training import _method_config
 
     class Tokenizer:
         def encode(self, text):
@@ -100,15 +101,13 @@ def test_building_the_reference_base_shows_its_progress(tmp_path, monkeypatch, c
 
 def test_train_preflight_prints_the_doctors_notes(capsys, monkeypatch):
     """A probe the doctor could not run is said on screen, not passed over in silence."""
-    import sys
-
-    from peftkit import cli
+    from peftkit.cli import training
     from peftkit.doctor import DoctorReport
 
     # peftkit.doctor is both the package and, on peftkit, the function: patch the package's.
     monkeypatch.setattr(sys.modules["peftkit.doctor"], "doctor",
                         lambda *a, **k: DoctorReport([], ["M11 probe could not run: no mask"]))
-    cli._doctor_preflight(object(), None, None)
+    training._doctor_preflight(object(), None, None)
     assert "doctor note: M11 probe could not run: no mask" in capsys.readouterr().err
 
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
+
+from ..formats import atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -384,22 +385,18 @@ class ReferenceDecoder(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``.
 
-        Each file is written to a temporary name in the same folder and moved into
-        place with ``os.replace``, so a crash never leaves a half-written file under
-        the real name. A tied ``lm_head.weight`` is stored once, as the embedding.
+        The two files are committed together (``formats.atomic.write_folder``), so a
+        crash at any point leaves the old pair or the new one. A tied ``lm_head.weight``
+        is stored once, as the embedding.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             name: tensor.detach().contiguous()
             for name, tensor in self.state_dict().items()
             if not (self.config.tie_word_embeddings and name == "lm_head.weight")
         }
         config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        _write_atomically(directory / CONFIG_NAME,
-                          lambda path: Path(path).write_text(config_text, encoding="utf-8"))
-        _write_atomically(directory / WEIGHTS_NAME,
-                          lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic.write_folder(directory, {CONFIG_NAME: config_text.encode("utf-8"),
+                                        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})})
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ReferenceDecoder":
@@ -407,6 +404,7 @@ class ReferenceDecoder(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"model folder {directory} does not exist")
+        atomic.recover_folder(directory)  # a save killed after its commit point completes first
         config_path = directory / CONFIG_NAME
         weights_path = directory / WEIGHTS_NAME
         if not config_path.is_file():
@@ -452,16 +450,3 @@ class ReferenceDecoder(nn.Module):
         # every other key was checked above.
         model.load_state_dict(tensors, strict=False)
         return model
-
-
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path``."""
-    handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise

@@ -1,0 +1,212 @@
+"""The commands on models and adapter files: doctor, merge, export, info, generate, compare."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .output import _fail, _human_bytes, _table
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when the report has an error, 0 otherwise, 2 for input that cannot be used."""
+    from ..doctor import doctor
+    from ..model import load
+    from ..formats.adapter_folder import AdapterFileError
+    from ..loading import ModelLoadError, load_model
+
+    try:
+        model = load_model(args.model, progress=False).model
+        if args.adapter:
+            model = load(model, args.adapter)
+        report = doctor(model.eval(), checkpoint=args.checkpoint)
+    except (ModelLoadError, AdapterFileError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    print(report.to_json() if args.json else report)
+    return 0 if report.ok else 1
+
+def _probe_ids(loaded, text: str = "The quick brown fox jumps over the lazy dog.") -> "torch.Tensor":
+    import torch
+
+    return torch.tensor([loaded.encode(text)])
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into the base weights and write a plain model folder."""
+    import torch
+
+    from ..model import load
+    from ..formats.adapter_folder import AdapterFileError
+    from ..adapter_files import read_config
+    from ..loading import ModelLoadError, load_model, save_model_folder
+
+    try:
+        config = read_config(args.adapter)
+        if config.peft_type != "LORA":
+            return _fail(f"{args.adapter} is a {config.peft_type} adapter; only LoRA folds into the weights "
+                         "(W + s·B A). Serve it with the adapter attached (peftkit.load) instead.")
+        loaded = load_model(args.model, progress=False)
+        pm = load(loaded.model, args.adapter)
+        ids = _probe_ids(loaded)
+        with torch.no_grad():
+            unmerged = pm(input_ids=ids).logits
+            loaded.model = pm.merge_and_unload()
+            merged = loaded.model(input_ids=ids).logits
+        out = save_model_folder(loaded, args.out)
+        reloaded = load_model(out, progress=False)
+        with torch.no_grad():
+            again = reloaded.model(input_ids=ids).logits
+    except (AdapterFileError, ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    merge_diff, reload_diff = (merged - unmerged).abs().max().item(), (again - unmerged).abs().max().item()
+    print(_table([
+        ("merged model", str(out)),
+        ("merged vs unmerged", f"max |logit diff| = {merge_diff:.2e}"),
+        ("reloaded vs unmerged", f"max |logit diff| = {reload_diff:.2e}"),
+    ]))
+    tolerance = _merge_tolerance(unmerged)
+    if not max(merge_diff, reload_diff) <= tolerance:  # NaN fails too
+        print(f"error: the merged model's logits differ from the adapter's by more than {tolerance:.2g}; "
+              f"{out} does not compute what the adapter did. Report this, and serve the adapter unmerged "
+              "(peftkit.load) meanwhile.", file=sys.stderr)
+        return 1
+    return 0
+
+def _merge_tolerance(logits) -> float:
+    """How far merged logits may drift from unmerged ones: float rounding of W + s·B A, about
+    1e-4 of the logits' scale in float32 and 3e-2 of it in 16-bit weights."""
+    import torch
+
+    relative = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    return relative * max(1.0, logits.abs().max().item())
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``)."""
+    from ..export import export_gguf_lora, read_gguf_lora
+    from ..formats.adapter_folder import AdapterFileError
+
+    try:
+        out = export_gguf_lora(args.adapter, args.gguf, base=args.model, dtype=args.dtype,
+                               overwrite=args.overwrite)
+    except (AdapterFileError, ValueError, OSError) as e:
+        return _fail(str(e))
+    summary = read_gguf_lora(out)
+    base = args.model if args.model and str(args.model).endswith(".gguf") else "BASE.gguf"
+    print(f"{out}")
+    print(_table([
+        ("tensors", f"{summary.tensors} ({summary.tensors // 2} LoRA pairs, rank {summary.rank}, {summary.dtype})"),
+        ("layers", f"{summary.layers}: {', '.join(summary.targets)}"),
+        ("alpha written", f"{summary.alpha:g} (llama.cpp scales by alpha / r = {summary.alpha / summary.rank:g})"),
+        ("size", _human_bytes(summary.size)),
+        ("apply with", f"llama-cli -m {base} --lora {out}"),
+    ]))
+    return 0
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe an adapter folder or a model (folder or .gguf), or say what is wrong with it
+    (exit 1)."""
+    from pathlib import Path
+
+    from ..formats.adapter_folder import CONFIG_NAME, LAYER_PREFIX, AdapterFileError, read_tensors
+    from ..adapter_files import read_config
+
+    folder = Path(args.path)
+    if args.path == "reference" or not (folder / CONFIG_NAME).is_file() and (
+            folder.is_file() or (folder / "config.json").is_file() or any(folder.glob("*.gguf"))):
+        return _model_info(folder)
+    try:
+        config = read_config(folder)
+        tensors = read_tensors(folder)
+    except AdapterFileError as e:
+        print(f"{folder}: not a usable adapter folder.\n  problem: {e}", file=sys.stderr)
+        return 1
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in ("peft_type", "target_modules", "base_model_name_or_path", "task_type") and v is not None}
+    modules = sorted({k.removeprefix(LAYER_PREFIX).rsplit(".", 2)[0] for k in tensors})
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    rows = [
+        ("method", config.peft_type),
+        ("settings", ", ".join(f"{k}={v}" for k, v in settings.items())),
+        ("target modules", str(config.target_modules) if getattr(config, "target_modules", None) else "-"),
+        ("tensors", f"{len(tensors)} in {len(modules)} module(s)"),
+        ("parameters", f"{sum(t.numel() for t in tensors.values()):,}"),
+        ("dtype", ", ".join(sorted({str(t.dtype).removeprefix('torch.') for t in tensors.values()}))),
+        ("size on disk", _human_bytes(size)),
+        ("base model", config.base_model_name_or_path or "(not recorded)"),
+    ]
+    print(f"{folder}")
+    print(_table(rows))
+    return 0
+
+def _model_info(path) -> int:
+    """Describe a base model from its config or GGUF header alone (no weights are read)."""
+    from ..loading import ModelLoadError, gguf_file_in, describe_model
+
+    try:
+        facts = describe_model(path)
+    except ModelLoadError as e:
+        print(f"{path}: not a usable model.\n  problem: {e}", file=sys.stderr)
+        return 1
+    print(f"{gguf_file_in(path) or path}")
+    print(_table([(k, str(v)) for k, v in facts.items()]))
+    return 0
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..model import load
+    from ..formats.adapter_folder import AdapterFileError
+    from ..loading import ModelLoadError, load_model
+
+    try:
+        loaded = load_model(args.model, progress=False)
+        model = load(loaded.model, args.adapter) if args.adapter else loaded.model
+    except (AdapterFileError, ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    torch.manual_seed(args.seed)
+    ids = _probe_ids(loaded, args.prompt)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+              "eos_token_id": loaded.eos_id, "pad_token_id": loaded.pad_id}
+    if args.sample:
+        kwargs["temperature"] = args.temperature
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    print(args.prompt + loaded.decode(out[0, ids.shape[1]:].tolist()))
+    return 0
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Trainable parameters of each method on the real module tree, built on the meta device."""
+    from .. import config as cfg
+    from ..loading import ModelLoadError, meta_model
+    from ..model import attach
+
+    source = args.model or args.config
+    if source is None:
+        return _fail("pass --model PATH (or 'reference') or --config config.json.")
+    methods = [
+        (f"LoRA r={args.r} (default targets)", cfg.LoraConfig(r=args.r, alpha=2 * args.r)),
+        (f"LoRA r={args.r} all-linear", cfg.LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
+        (f"adapter pfeiffer b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck)),
+        (f"adapter houlsby b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
+        (f"prefix {args.prefix_tokens} tokens", cfg.PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
+        (f"prompt {args.prompt_tokens} tokens", cfg.PromptConfig(num_virtual_tokens=args.prompt_tokens)),
+    ]
+    try:
+        total = sum(p.numel() for p in meta_model(source).parameters())
+        rows = [("full fine-tuning", total)]
+        for label, config in methods:
+            try:
+                trainable, _ = attach(meta_model(source), config).parameter_counts()
+                rows.append((label, trainable))
+            except (ValueError, TypeError) as e:  # e.g. no adapter sites known for this architecture
+                rows.append((label, f"n/a: {e}"))
+    except ModelLoadError as e:
+        return _fail(str(e))
+    width = max(len(label) for label, _ in rows)
+    print(f"{source}: {total:,} parameters\n")
+    print(f"  {'method'.ljust(width)}  {'trainable':>15}  {'share':>8}")
+    for label, count in rows:
+        if isinstance(count, int):
+            print(f"  {label.ljust(width)}  {count:>15,}  {100 * count / total:>7.4f}%")
+        else:
+            print(f"  {label.ljust(width)}  {count}")
+    return 0

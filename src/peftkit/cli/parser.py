@@ -1,0 +1,137 @@
+"""The argument parser of every command (the only place options are declared)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .models import cmd_compare, cmd_doctor, cmd_export, cmd_generate, cmd_info, cmd_merge
+from .training import cmd_demo, cmd_train
+
+
+def _positive_int(text: str) -> int:
+    """An option that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1.")
+    return value
+
+def _lora_plus_ratio(text: str) -> float:
+    """--lora-plus-ratio: a number of at least 1 (B's rate over A's)."""
+    ratio = float(text)
+    if ratio < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1: the ratio is B's rate over A's; 1 turns LoRA+ off.")
+    return ratio
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import registry
+
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning without the classic mistakes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compare full fine-tuning and the four methods on one task (built-in or yours)")
+    demo.add_argument("--steps", type=int, default=150, help="optimizer steps for every method (default 150)")
+    demo.add_argument("--model", help="your model folder (with --data); default: the built-in reference decoder")
+    demo.add_argument("--data", help="your JSONL data (with --model)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", help="folder for the base model and the adapter (default: a new temporary folder)")
+    demo.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train an adapter on a JSONL file")
+    train.add_argument("--model", required=True, help="'reference' or a local model folder")
+    train.add_argument("--data", required=True, help="JSONL: {text} | {prompt, completion} | {text, label} | {input_ids[, labels]}")
+    train.add_argument("--method", choices=[m.name for m in registry.METHODS], default="lora")
+    train.add_argument("--out", required=True, help="output folder (run.json, train_log.jsonl, checkpoints/, adapter/)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=float)
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4 at hidden size 4096, "
+                       "scaled by sqrt(4096/hidden) for other widths; prompt 3e-2, prefix 1e-2, adapters 1e-4)")
+    train.add_argument("--lora-plus-ratio", type=_lora_plus_ratio, metavar="R",
+                       help="with the default LoRA rate, train B at R times A's rate and A at half the "
+                            "rate (LoRA+, Hayou et al. 2024; default 16); 1 trains both at the rate. "
+                            "An explicit --lr trains everything at that one rate")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
+    train.add_argument("--eval-data", help="a held-out JSONL file (same format) instead of --eval-fraction")
+    train.add_argument("--eval-limit", type=_positive_int, metavar="N",
+                       help="score only the first N held-out examples, before and after training "
+                            "(default: all; thousands of rows take minutes on a CPU)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
+    train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true")
+    lora = train.add_argument_group("LoRA (--method lora)")
+    lora.add_argument("--r", type=int)
+    lora.add_argument("--alpha", type=float)
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    shared = train.add_argument_group("LoRA and adapters")
+    shared.add_argument("--dropout", type=float)
+    shared.add_argument("--targets", help="comma-separated module names, 'attention' or 'all-linear' (default: the architecture's)")
+    adapter = train.add_argument_group("bottleneck adapters (--method adapter)")
+    adapter.add_argument("--bottleneck", type=int)
+    adapter.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"])
+    adapter.add_argument("--activation", choices=["relu", "gelu", "silu"])
+    virtual = train.add_argument_group("prefix and prompt tuning (--method prefix | prompt)")
+    virtual.add_argument("--virtual-tokens", type=int)
+    virtual.add_argument("--projection-dim", type=int, help="prefix: MLP reparameterisation width")
+    virtual.add_argument("--init", "--prompt-init", dest="init", choices=["random", "vocab", "text"],
+                         help="how the virtual tokens start (prompt default: random at the embeddings' scale; "
+                              "prefix default: vocab, the model's own keys and values of vocabulary tokens)")
+    virtual.add_argument("--init-text", "--prompt-init-text", dest="init_text",
+                         help="the text for --init text (encoded with the model's tokenizer)")
+    train.set_defaults(func=cmd_train)
+
+    check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12")
+    check.add_argument("--model", required=True, help="'reference' or a local model folder")
+    check.add_argument("--adapter", help="an adapter folder to load onto the model (peftkit's or Hugging Face PEFT's)")
+    check.add_argument("--checkpoint", help="a saved file or folder (save_pretrained, Trainer checkpoint-N) to check for base-model weights")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=cmd_doctor)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into the base weights and write a model folder")
+    merge.add_argument("--model", required=True, help="'reference' or a local model folder")
+    merge.add_argument("--adapter", required=True, help="a LoRA adapter folder")
+    merge.add_argument("--out", required=True, help="a new folder for the merged model (safetensors)")
+    merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora)")
+    export.add_argument("--adapter", required=True, help="a LoRA adapter folder for a llama-architecture model")
+    export.add_argument("--gguf", required=True, help="the .gguf file to write")
+    export.add_argument("--model", help="the base model's .gguf file or transformers folder (for its head counts; "
+                                        "default: the adapter's base_model_name_or_path if it is local)")
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    export.set_defaults(func=cmd_export)
+
+    info = sub.add_parser("info", help="describe an adapter folder (and check that it is whole) or a model "
+                                       "(folder or .gguf)")
+    info.add_argument("path", help="an adapter folder, a model folder or a .gguf file")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text with a model and an optional adapter")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--adapter")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    compare = sub.add_parser("compare", help="trainable parameters of each method on a model (meta device, no weights)")
+    source = compare.add_mutually_exclusive_group()
+    source.add_argument("--model", help="'reference' or a model folder")
+    source.add_argument("--config", help="a config.json file")
+    compare.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    compare.add_argument("--bottleneck", type=int, default=64)
+    compare.add_argument("--prefix-tokens", type=int, default=10)
+    compare.add_argument("--prompt-tokens", type=int, default=20)
+    compare.set_defaults(func=cmd_compare)
+    return parser

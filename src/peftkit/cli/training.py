@@ -1,0 +1,153 @@
+"""`peftkit demo` and `peftkit train`: the method config from the options, the doctor's
+pre-flight, and the run summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from .output import _fail, _human_bytes, _table
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data import DataError
+    from ..demo import run_demo
+    from ..loading import ModelLoadError
+
+    if (args.model is None) != (args.data is None):
+        return _fail("pass --model and --data together (or neither, for the built-in demo).")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peftkit-demo-"))
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        return _fail(f"{out} is not empty; pick another --out or pass --overwrite.")
+    if args.model is None:
+        print("peftkit demo: the built-in reference decoder already knows task A (addition sentences);\n"
+              "each method teaches it task B (subtraction) with the same step budget.\n")
+    try:
+        report = run_demo(out, model=args.model or "reference", data=args.data, steps=args.steps,
+                          seed=args.seed, progress=not args.no_progress)
+    except (DataError, ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    has_a = report.a_accuracy_before is not None
+    header = ["method", "trainable", "share", "time", "peak RSS", "B acc before -> after"]
+    header += ["A acc after"] if has_a else []
+    header += ["on disk"]
+    rows = []
+    for c in report.cases:
+        row = [c["name"], f"{c['trainable']:,}", f"{100 * c['trainable'] / c['total']:.2f}%",
+               f"{c['seconds']:.1f} s", f"{c['peak_rss_mb']:.0f} MB",
+               f"{100 * report.b_accuracy_before:.1f}% -> {100 * c['b_accuracy']:.1f}%"]
+        if has_a:
+            row.append(f"{100 * c['a_accuracy']:.1f}% (was {100 * report.a_accuracy_before:.1f}%)")
+        row.append(_human_bytes(c["bytes"]))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print(f"\nResults after {report.steps} steps each (accuracy: next-token accuracy on held-out answers)\n")
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    ok = max(report.reload_max_diff, report.merge_max_diff, report.merged_reload_max_diff) < 1e-4
+    print("\nLoRA adapter, reloaded from disk onto a fresh base, then merged into the weights:")
+    print(_table([
+        ("reloaded vs trained", f"max |logit diff| = {report.reload_max_diff:.2e}"),
+        ("merged vs unmerged", f"max |logit diff| = {report.merge_max_diff:.2e}"),
+        ("merged, from disk", f"max |logit diff| = {report.merged_reload_max_diff:.2e}"),
+        ("folders", str(out)),
+    ]))
+    print("\n" + ("OK: the adapter reloads and merges to the same outputs." if ok
+                  else "PROBLEM: reloaded or merged outputs differ from the trained model."))
+    return 0 if ok else 1
+
+def _given(value) -> bool:
+    """An option the user set: argparse leaves unset options None (flags False); 0 is a value."""
+    return value is not None and value is not False
+
+def _method_config(args: argparse.Namespace, tokenizer=None):
+    """The method config from the command line; an option of another method is an error."""
+    from .. import registry
+
+    method = registry.method_named(args.method)
+    stray = sorted({dest for other in registry.METHODS for dest in other.cli_options
+                    if dest not in method.cli_options and _given(getattr(args, dest))})
+    if stray:
+        flags = ", ".join("--" + o.replace("_", "-") for o in stray)
+        raise ValueError(f"{flags} do(es) not apply to --method {args.method}.")
+    kwargs = {field: getattr(args, dest) for dest, field in method.cli_options.items() if _given(getattr(args, dest))}
+    targets = kwargs.get("target_modules")
+    if targets is not None and targets not in ("attention", "all-linear"):
+        kwargs["target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
+    if kwargs.get("init") == "text":
+        kwargs["tokenizer"] = tokenizer
+    return method.config_class(**kwargs)
+
+class PreflightFailed(Exception):
+    """The doctor found an error before the first training step."""
+
+def _doctor_preflight(model, optimizer, batch) -> None:
+    """Run the doctor on the real model, optimizer and first batch; errors stop the run."""
+    from ..doctor import doctor
+
+    report = doctor(model, optimizer=optimizer, batch=batch)
+    if not report.ok:
+        raise PreflightFailed(str(report))
+    for finding in report.warnings:
+        print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
+    for note in report.notes:  # probes that could not run: say so rather than pass in silence
+        print(f"doctor note: {note}", file=sys.stderr)
+
+def _rate_split(rates: dict[str, float]) -> str:
+    """How the rate was split among the optimizer groups, e.g. " (LoRA+: A 3.3e-4, B 5.2e-3;
+    trained in full 1e-3)"; empty for one plain rate."""
+    parts = []
+    if "lora_B" in rates:
+        parts.append(f"LoRA+: A {rates.get('lora_A', 0):.2g}, B {rates['lora_B']:.2g}")
+    if "modules_to_save" in rates:
+        parts.append(f"trained in full {rates['modules_to_save']:.2g}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..data import DataError, read_jsonl
+    from ..formats.adapter_folder import AdapterFileError
+    from ..loading import ModelLoadError, load_model
+    from ..runs import RunFolderError, RunOptions, run_training
+
+    try:
+        fmt, records = read_jsonl(args.data)
+        task = "classification" if fmt == "classification" else "causal-lm"
+        num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
+        loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress)
+        config = _method_config(args, loaded.tokenizer)
+        options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
+                             max_length=args.max_length, checkpoint_every=args.checkpoint_every,
+                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
+                             eval_limit=args.eval_limit)
+        if args.lora_plus_ratio is not None:
+            options.lora_plus_ratio = args.lora_plus_ratio
+        summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
+                               progress=not args.no_progress, preflight=_doctor_preflight)
+    except PreflightFailed as e:
+        print(f"peftkit doctor stopped the run before the first step:\n{e}", file=sys.stderr)
+        return 1
+    except (DataError, ModelLoadError, RunFolderError, AdapterFileError, ValueError) as e:
+        return _fail(str(e))
+    share = 100 * summary.trainable_params / summary.total_params
+    rows = [
+        ("method", summary.method),
+        ("trainable parameters", f"{summary.trainable_params:,} of {summary.total_params:,} ({share:.3f}%)"),
+        ("data", f"{summary.train_examples} train / {summary.eval_examples} held-out examples"
+                 + (f", classes {summary.classes}" if summary.classes else "")),
+        ("steps", f"{summary.steps} at lr {summary.learning_rate:.2g}" + _rate_split(summary.rates)
+                  + (f" (resumed at step {summary.resumed_from})" if summary.resumed_from else "")),
+        ("time", f"{summary.seconds:.1f} s, {summary.tokens / max(summary.seconds, 1e-9):,.0f} tokens/s"),
+        ("train loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
+    ]
+    if summary.eval_after:
+        b, a = summary.eval_before, summary.eval_after
+        rows.append(("held-out loss", f"{b['loss']:.4f} -> {a['loss']:.4f}"))
+        rows.append(("held-out accuracy", f"{100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%"))
+    rows.append(("adapter", f"{summary.adapter_dir} ({_human_bytes(summary.adapter_bytes)})"))
+    print("\nTraining finished")
+    print(_table(rows))
+    return 0
