@@ -285,7 +285,7 @@ def describe_model(path: str | Path) -> dict[str, str]:
     """Readable facts of a model folder, .gguf file or 'reference': kind, architecture,
     shape, parameters, storage and size, and peftkit's default LoRA targets for it."""
     from . import integrations
-    from .targets import DEFAULT_TARGETS
+    from .targets import DEFAULT_TARGETS, architecture_targets
 
     path = Path(path)
     gguf_file = gguf_file_in(path) if str(path) != REFERENCE else None
@@ -310,7 +310,7 @@ def describe_model(path: str | Path) -> dict[str, str]:
         facts["storage"] = _stored_dtypes(path)
         if path.is_dir():
             facts["size on disk"] = f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20:.1f} MB"
-    targets = getattr(model, "peft_default_targets", None) or DEFAULT_TARGETS.get(integrations.model_type(model) or "")
+    targets = architecture_targets(model, DEFAULT_TARGETS, "peft_default_targets")
     facts["default LoRA targets"] = ", ".join(targets) if targets else "none known: pass --targets"
     return {k: v for k, v in facts.items() if v is not None}
 

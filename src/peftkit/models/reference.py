@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from .. import masks
 from ..formats import atomic
 
 CONFIG_NAME = "config.json"
@@ -262,7 +263,7 @@ class ReferenceDecoder(nn.Module):
 
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+                position_ids = masks.position_ids(attention_mask, seq)
             else:
                 position_ids = torch.arange(past_length, past_length + seq, device=device)
                 position_ids = position_ids.unsqueeze(0).expand(batch, seq)
