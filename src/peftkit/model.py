@@ -280,20 +280,22 @@ class PeftModel(nn.Module):
         if self._lora_layers_merged():
             warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=2)
             return
-        for layer in self._lora_layers():
-            if layer.active_adapters:
-                self._untie(layer)
-            layer.merge()
+        owners: dict[int, set[str]] = {}  # parameter id -> the modules holding it, gathered once
+        for path, module in self.base_model.named_modules(remove_duplicate=False):
+            for local, param in module.named_parameters(recurse=False, remove_duplicate=False):
+                owners.setdefault(id(param), set()).add(f"{path}.{local}")
+        for path, layer in adapter_modules(self.base_model):
+            if isinstance(layer, LoraLayer):
+                if layer.active_adapters:
+                    self._untie(layer, sorted(owners[id(layer.base_layer.weight)] - {f"{path}.base_layer.weight"}))
+                layer.merge()
 
-    def _untie(self, layer: LoraLayer) -> None:
+    def _untie(self, layer: LoraLayer, sharers: list[str]) -> None:
         """Give ``layer`` its own base weight when another module shares it (GPT-2's ``wte``
         and ``lm_head``, any model with tied word embeddings): merging W + s·B A into the
         shared tensor would change that module too. The model's config stops declaring the
         tie, so a merged model written to disk and read back stays untied."""
         weight = layer.base_layer.weight
-        sharers = sorted({f"{path}.{local}" for path, module in self.base_model.named_modules(remove_duplicate=False)
-                          for local, param in module.named_parameters(recurse=False, remove_duplicate=False)
-                          if param is weight and module is not layer.base_layer})
         if not sharers:
             return
         layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
