@@ -8,7 +8,8 @@ import pytest
 
 import peftkit
 from peftkit import registry
-from peftkit.config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig, lora_scaling
+from peftkit import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
+from peftkit.config import lora_scaling
 
 
 @pytest.mark.parametrize("config", [

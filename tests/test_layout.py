@@ -116,3 +116,28 @@ def test_the_file_formats_know_nothing_of_peft_models():
         outside = {m for m in graph[module] if not m.startswith("peftkit.formats")}
         assert outside <= {"peftkit.config"}, (module, outside)
     assert graph["peftkit.formats.atomic"] == set()
+
+
+def test_each_method_is_declared_in_one_module():
+    """A method's config class, attacher, file fields and record live in one module of
+    specs/, and the registry holds each record once: adding a method is its declaration
+    (beside its nn.Module in methods/) plus one line in registry.METHODS."""
+    import sys
+
+    from peftkit import registry
+
+    assert len({m.name for m in registry.METHODS}) == len({m.peft_type for m in registry.METHODS}) == len(
+        registry.METHODS)
+    for method in registry.METHODS:
+        module = method.config_class.__module__
+        assert module.startswith("peftkit.specs."), module
+        parts = [method.attach, method.to_file, method.from_file, method.settle, method.rate_for_model]
+        assert {f.__module__ for f in parts if f is not None} == {module}, method.name
+        assert sys.modules[module].METHOD is method
+
+
+def test_method_modules_know_nothing_of_files_or_the_command_line():
+    """DESIGN's house rule: methods/* import only torch, config and methods.base."""
+    graph = import_graph(lazy=True)
+    for module in (m for m in graph if m.startswith("peftkit.methods.")):
+        assert graph[module] <= {"peftkit.config", "peftkit.methods.base", "peftkit.methods"}, (module, graph[module])

@@ -6,7 +6,10 @@
     pm = peftkit.load(fresh_model, "out/adapter")
 """
 
-from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
+from .specs.adapter import AdapterConfig
+from .specs.lora import LoraConfig
+from .specs.prefix import PrefixConfig
+from .specs.prompt import PromptConfig
 from .doctor import DoctorReport, Finding, doctor
 from .formats.adapter_folder import AdapterFileError
 from .methods.lora import LoraEmbedding, LoraFunction, LoraLinear

@@ -25,7 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
+from .specs.adapter import AdapterConfig
+from .specs.lora import LoraConfig
+from .specs.prefix import PrefixConfig
+from .specs.prompt import PromptConfig
 from .data import batches, build_dataset, read_jsonl, split
 from .loading import LoadedModel, load_model, save_model_folder
 from .model import attach, load

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import LoraConfig
+from .specs.lora import LoraConfig
 from .formats.adapter_folder import LAYER_PREFIX, read_tensors
 from .formats.gguf import LLAMA_LORA_TENSORS, GgufError, gguf_package, read_header, write_lora_adapter
 from .adapter_files import read_config

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from . import adapter_files, integrations, registry, sites, targets, virtual_tokens
-from .attachers import default_prefix_init
-from .config import PeftConfig, PrefixConfig
+from .config import PeftConfig
 from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraLayer
 from .methods.prefix import PrefixEncoder
@@ -70,8 +69,8 @@ class PeftModel(nn.Module):
         if self._lora_layers_merged():
             raise RuntimeError("adapters are merged into the weights; unmerge() before adding another.")
         method = registry.method_for(config)
-        if isinstance(config, PrefixConfig) and config.init is None:
-            config = dataclasses.replace(config, init=default_prefix_init(self.base_model))
+        if method.settle is not None:  # choices the config leaves to the model (prefix init)
+            config = method.settle(config, self.base_model)
         copies = sites.trained_copy_paths(self.base_model, config.modules_to_save)
         # The attacher gets the copies too: LoRA leaves the layers inside them alone.
         self.target_paths[name] = method.attach(self, config, name, copies)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from . import integrations
-from .config import AdapterConfig
 from .methods.adapter import AdapterWrapper
 from .methods.base import AdapterModule
 from .targets import HEAD_NAMES, describe, matches_target, modules_outside_adapters
+
+if TYPE_CHECKING:  # the adapter declaration imports this module
+    from .specs.adapter import AdapterConfig
 
 
 # The heads Hugging Face PEFT trains in full for every sequence-classification model.

@@ -18,30 +18,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import integrations, registry
-from .config import LoraConfig, PeftConfig
+from . import registry
+from .config import PeftConfig
 from .model import PeftModel
 
-LORA_REFERENCE_WIDTH = 4096  # the hidden size at which LoRA's default is 2e-4
-LORA_RATE_RANGE = (1e-4, 1e-3)
-
-
 def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = None) -> float:
-    """The learning rate a method trains well with when the user gives none (M9).
-
-    LoRA's depends on the width of ``model`` (its config's hidden size d):
-    2e-4 · sqrt(4096 / d), clamped to [1e-4, 1e-3]; 2e-4 when the width is unknown.
-    """
-    rate = registry.method_for(config).learning_rate
-    if not isinstance(config, LoraConfig) or model is None:
-        return rate
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    width = integrations.config_value(model, "hidden_size", "n_embd", "d_model")
-    if not width:
-        return rate
-    low, high = LORA_RATE_RANGE
-    return min(max(rate * math.sqrt(LORA_REFERENCE_WIDTH / width), low), high)
+    """The learning rate a method trains well with when the user gives none (M9): its
+    record's, or what its record computes from ``model`` (LoRA's depends on the width)."""
+    method = registry.method_for(config)
+    if method.rate_for_model is None or model is None:
+        return method.learning_rate
+    return method.rate_for_model(model.base_model if isinstance(model, PeftModel) else model)
 
 
 # Modules trained in full beside an adapter (modules_to_save: a fresh classifier, BERT's

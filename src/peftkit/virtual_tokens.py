@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import integrations, masks
+from . import generation, integrations, masks
 from .methods.prefix import PrefixEncoder
 from .methods.prompt import PromptEncoder
 
@@ -114,6 +114,8 @@ def generate(
     eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
     **unsupported: Any,
 ) -> torch.Tensor:
+    """``generate`` with the active prompt or prefix: the settings a transformers model's
+    ``generation_config`` gives where the call gives none, then ``generation.decode``."""
     if unsupported:
         raise TypeError(
             f"generate() with a prompt or prefix adapter takes attention_mask, max_new_tokens, "
@@ -125,58 +127,9 @@ def generate(
         max_new_tokens = getattr(defaults, "max_new_tokens", None) or 20
     if eos_token_id is None:
         eos_token_id = getattr(defaults, "eos_token_id", None)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
-                       dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = getattr(defaults, "pad_token_id", None)
-    if pad_token_id is None and len(eos):
-        pad_token_id = int(eos[0])
-    if attention_mask is None:
-        attention_mask = masks.full_mask(*input_ids.shape, input_ids.device)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("generate() reads the next token from the last position, so batches must be "
-                         "left-padded (some row ends in padding).")
-
-    sequences, step_ids, cache = input_ids, input_ids, None
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        output = peft_model(input_ids=step_ids, attention_mask=attention_mask, past_key_values=cache,
-                      use_cache=True)
-        cache = integrations.output_cache(output)
-        if cache is None:  # the next step would add the virtual tokens a second time
-            raise TypeError(f"{type(peft_model.base_model).__name__} returned no KV cache with use_cache=True; "
-                            "peftkit's generate() needs one to add the prompt or prefix only once.")
-        next_ids = _next_tokens(output.logits[:, -1, :].float(), do_sample, temperature, top_k, top_p)
-        if len(eos):
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-            finished |= torch.isin(next_ids, eos)
-        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-        if bool(finished.all()):
-            break
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-    return sequences
-
-
-
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float,
-                 top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids: the argmax, or a draw from softmax(logits / temperature)
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        above = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, above >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
-
-
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    return generation.decode(peft_model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_ids=eos, pad_token_id=pad_token_id)

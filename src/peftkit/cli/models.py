@@ -36,14 +36,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from ..model import load
     from ..formats.adapter_folder import AdapterFileError
+    from .. import registry
     from ..adapter_files import read_config
     from ..loading import ModelLoadError, load_model, save_model_folder
 
     try:
         config = read_config(args.adapter)
-        if config.peft_type != "LORA":
-            return _fail(f"{args.adapter} is a {config.peft_type} adapter; only LoRA folds into the weights "
-                         "(W + s·B A). Serve it with the adapter attached (peftkit.load) instead.")
+        method = registry.method_for(config)
+        if not method.mergeable:
+            folding = [m.label for m in registry.METHODS if m.mergeable]
+            return _fail(f"{args.adapter} is a {method.label} adapter; only {', '.join(folding)} folds into "
+                         "the weights. Serve it with the adapter attached (peftkit.load) instead.")
         loaded = load_model(args.model, progress=False)
         pm = load(loaded.model, args.adapter)
         ids = _probe_ids(loaded)
@@ -175,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Trainable parameters of each method on the real module tree, built on the meta device."""
-    from .. import config as cfg
+    from .. import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
     from ..loading import ModelLoadError, meta_model
     from ..model import attach
 
@@ -183,12 +186,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if source is None:
         return _fail("pass --model PATH (or 'reference') or --config config.json.")
     methods = [
-        (f"LoRA r={args.r} (default targets)", cfg.LoraConfig(r=args.r, alpha=2 * args.r)),
-        (f"LoRA r={args.r} all-linear", cfg.LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
-        (f"adapter pfeiffer b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck)),
-        (f"adapter houlsby b={args.bottleneck}", cfg.AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
-        (f"prefix {args.prefix_tokens} tokens", cfg.PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
-        (f"prompt {args.prompt_tokens} tokens", cfg.PromptConfig(num_virtual_tokens=args.prompt_tokens)),
+        (f"LoRA r={args.r} (default targets)", LoraConfig(r=args.r, alpha=2 * args.r)),
+        (f"LoRA r={args.r} all-linear", LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
+        (f"adapter pfeiffer b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck)),
+        (f"adapter houlsby b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
+        (f"prefix {args.prefix_tokens} tokens", PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
+        (f"prompt {args.prompt_tokens} tokens", PromptConfig(num_virtual_tokens=args.prompt_tokens)),
     ]
     try:
         total = sum(p.numel() for p in meta_model(source).parameters())

@@ -3,7 +3,10 @@ each (a readable name, the learning-rate floor of M9) comes from ``peftkit.regis
 
 from __future__ import annotations
 
-from ..config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
+from ..specs.adapter import AdapterConfig
+from ..specs.lora import LoraConfig
+from ..specs.prefix import PrefixConfig
+from ..specs.prompt import PromptConfig
 
 LORA, PROMPT, PREFIX, BOTTLENECK = (LoraConfig.peft_type, PromptConfig.peft_type, PrefixConfig.peft_type,
                                     AdapterConfig.peft_type)

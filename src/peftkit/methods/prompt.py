@@ -9,11 +9,11 @@ stored in float32, as Hugging Face PEFT does, and cast to the model's dtype when
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import PromptConfig
 from .base import AdapterModule
 
 # Enough rows to estimate the spread of a vocabulary's embeddings without embedding all of it.
@@ -92,7 +92,7 @@ def init_token_ids(config, vocab_size: int) -> torch.Tensor | None:
     return None
 
 
-def initial_prompt(config: PromptConfig, embed: nn.Module) -> torch.Tensor:
+def initial_prompt(config: Any, embed: nn.Module) -> torch.Tensor:
     """The starting prompt (N, token_dim) for ``config``.
 
     ``embed`` is the model's input-embedding module (callable on ids, with

@@ -12,24 +12,17 @@ H = heads, D = head_dim = hidden_size / H, V = vocab_size.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from .. import masks
-from ..formats import atomic
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .. import generation, masks
+from . import folder
 
 KeyValue = Tuple[Tensor, Tensor]
 PastKeyValues = Tuple[KeyValue, ...]
@@ -345,107 +338,28 @@ class ReferenceDecoder(nn.Module):
         generation stops early when every row has finished. Returns the prompt plus the
         new tokens, (B, T + new), as a LongTensor.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "generate needs left padding: some row ends in padding "
-                "(attention_mask[:, -1] == 0); pad prompts on the left"
-            )
-        if pad_token_id is None:
-            pad_token_id = eos_token_id
+        return generation.decode(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature,
+                                 eos_ids=() if eos_token_id is None else (eos_token_id,),
+                                 pad_token_id=pad_token_id)
 
-        sequences = input_ids.long()
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        past_key_values = None
-        step_ids = sequences
-        for _ in range(max_new_tokens):
-            output = self(step_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                          use_cache=True)
-            past_key_values = output.past_key_values
-            logits = output.logits[:, -1, :].float()
-            if do_sample:
-                next_ids = torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(-1)
-            else:
-                next_ids = logits.argmax(-1)
-            if eos_token_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-                finished = finished | (next_ids == eos_token_id)
-            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-            if bool(finished.all()):
-                break
-            step_ids = next_ids[:, None]
-            new_column = attention_mask.new_ones(attention_mask.shape[0], 1)
-            attention_mask = torch.cat([attention_mask, new_column], dim=1)
-        return sequences
+    def _stored_state(self) -> dict[str, Tensor]:
+        """The state dict as saved: a tied ``lm_head.weight`` is stored once, as the embedding."""
+        return {name: tensor for name, tensor in self.state_dict().items()
+                if not (self.config.tie_word_embeddings and name == "lm_head.weight")}
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``.
-
-        The two files are committed together (``formats.atomic.write_folder``), so a
-        crash at any point leaves the old pair or the new one. A tied ``lm_head.weight``
-        is stored once, as the embedding.
-        """
-        tensors = {
-            name: tensor.detach().contiguous()
-            for name, tensor in self.state_dict().items()
-            if not (self.config.tie_word_embeddings and name == "lm_head.weight")
-        }
-        config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic.write_folder(directory, {CONFIG_NAME: config_text.encode("utf-8"),
-                                        WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})})
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, committed
+        together (a crash at any point leaves the old pair or the new one)."""
+        tensors = {name: tensor.detach().contiguous() for name, tensor in self._stored_state().items()}
+        folder.write(directory, self.config.to_dict(), tensors)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ReferenceDecoder":
         """Load a model written by :meth:`save_pretrained`, in the dtype it was saved in."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model folder {directory} does not exist")
-        atomic.recover_folder(directory)  # a save killed after its commit point completes first
-        config_path = directory / CONFIG_NAME
-        weights_path = directory / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} is missing: not a saved ReferenceDecoder")
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path} is missing: the weights were not saved")
-        try:
-            config_data = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-        config = ReferenceConfig.from_dict(config_data)
-        try:
-            tensors = load_file(weights_path)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(
-                f"cannot read {weights_path} (truncated or not a safetensors file): {err}"
-            ) from err
-
-        model = cls(config)
-        expected = {
-            name: tensor
-            for name, tensor in model.state_dict().items()
-            if not (config.tie_word_embeddings and name == "lm_head.weight")
-        }
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path} does not match {config_path}: "
-                f"missing keys {missing}, unexpected keys {unexpected}"
-            )
-        mismatched = [
-            f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
-            for name, tensor in expected.items()
-            if tensors[name].shape != tensor.shape
-        ]
-        if mismatched:
-            raise ValueError(
-                f"{weights_path} does not match {config_path}: " + "; ".join(mismatched)
-            )
+        config_data, tensors = folder.read(directory)
+        model = cls(ReferenceConfig.from_dict(config_data))
+        folder.check_matches(tensors, model._stored_state(), directory)
         model.to(tensors["embed_tokens.weight"].dtype)
         # strict=False only because a tied lm_head.weight is absent by design;
         # every other key was checked above.
