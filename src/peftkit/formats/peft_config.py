@@ -65,7 +65,11 @@ def common_fields(config: MethodConfig, facts: ModelFacts) -> dict[str, Any]:
 def read_modules_to_save(value: Any) -> list[str]:
     """A file's ``modules_to_save``: absent or null means no module was saved in full (not
     peftkit's "pick the head" default, which would expect tensors the file lacks)."""
-    return list(value) if value else []
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+        raise ValueError(f"modules_to_save must be null or a list of module names, got {value!r}.")
+    return value
 
 
 # -- prompt-learning methods (prompt and prefix tuning) ---------------------------------------

@@ -74,6 +74,12 @@ def attach(peft_model: Any, config: AdapterConfig, name: str, trained_in_full: l
     """Put a bottleneck adapter at every site of ``config.placement``; return their paths."""
     model = peft_model.base_model
     found = sites.adapter_sites(model, config)
+    for site in found:  # before anything is allocated
+        if config.bottleneck > site.width:
+            raise ValueError(
+                f"AdapterConfig.bottleneck={config.bottleneck} is wider than the hidden size {site.width} at "
+                f"{site.path!r}: a bottleneck narrows the width (AdapterHub's reduction factor is at least "
+                f"1); use at most {site.width}, typically {max(1, site.width // 16)} to {max(1, site.width // 2)}.")
     for site in found:
         wrapper = model.get_submodule(site.path)
         if not isinstance(wrapper, AdapterWrapper):

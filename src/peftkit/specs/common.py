@@ -61,13 +61,33 @@ TOKEN_INITS = ("random", "vocab", "text")
 
 
 def check_token_init(config: MethodConfig) -> None:
-    """The init fields prompt and prefix tuning share: init, init_text, tokenizer."""
+    """The init fields prompt and prefix tuning share: init (None: decided at attach time),
+    init_text, tokenizer."""
     name = type(config).__name__
-    validate.one_of(name, "init", config.init, TOKEN_INITS)
+    if config.init is not None:
+        validate.one_of(name, "init", config.init, TOKEN_INITS)
     if config.init_text is not None and not isinstance(config.init_text, str):
         raise validate.InvalidValue(name, "init_text", "None or a string", config.init_text)
     if config.init == "text" and (not config.init_text or config.tokenizer is None):
         raise ValueError(f"{name}(init='text') needs init_text and a tokenizer to encode it.")
+
+
+def check_virtual_tokens(model: nn.Module, config: MethodConfig, adapter_size: int) -> None:
+    """Before anything is allocated: ``num_virtual_tokens`` must leave the model room for its
+    input (below its ``max_position_embeddings``, where the config says it), and the adapter,
+    ``adapter_size`` parameters, must be smaller than the model it adapts (a prompt that big
+    is not parameter-efficient, and a typo such as 20000000 would exhaust memory)."""
+    name, n = type(config).__name__, config.num_virtual_tokens
+    positions = integrations.config_value(model, "max_position_embeddings", "n_positions")
+    if positions is not None and n >= positions:
+        raise ValueError(f"{name}.num_virtual_tokens={n} leaves no room for the input: the model reads "
+                         f"at most {positions} positions; use far fewer (PEFT's guides use 8 to 100).")
+    base = sum(p.numel() for p in model.parameters())
+    if adapter_size > base:
+        raise ValueError(f"{name} with num_virtual_tokens={n}"
+                         + (f", projection_dim={config.projection_dim}" if getattr(config, "projection_dim", None) else "")
+                         + f" would have {adapter_size:,} parameters, more than the {base:,} of the model it "
+                         "adapts; use fewer virtual tokens (or a smaller projection_dim).")
 
 
 def check_input_side_supported(model: nn.Module, method: str) -> None:

@@ -20,7 +20,7 @@ from ..config import MethodConfig
 from ..formats import peft_config as files
 from ..methods.prefix import PrefixEncoder
 from ..methods.prompt import init_token_ids
-from .common import Method, check_input_side_supported, check_token_init
+from .common import Method, check_input_side_supported, check_token_init, check_virtual_tokens
 
 
 @dataclass
@@ -66,8 +66,7 @@ class PrefixConfig(MethodConfig):
             validate.positive_int("PrefixConfig", "projection_dim", self.projection_dim)
         if self.init is None and self.projection_dim is not None:
             self.init = "random"
-        if self.init is not None:  # else decided at attach time (see init above)
-            check_token_init(self)
+        check_token_init(self)  # init None is decided at attach time (see init above)
         if self.projection_dim is not None and self.init != "random":
             raise ValueError(
                 f"PrefixConfig(init={self.init!r}) sets the prefix itself, but with projection_dim an "
@@ -93,9 +92,15 @@ def attach(peft_model: Any, config: PrefixConfig, name: str, trained_in_full: li
             f"prefix tuning hands the prefix to the model as the start of its KV cache, but "
             f"{type(model).__name__}.forward takes no cache (cache / past_key_values)."
         )
+    layers, kv_heads, head_dim = integrations.attention_geometry(model)
+    width, kv_dim = 2 * layers * kv_heads * head_dim, kv_heads * head_dim  # as PrefixEncoder stores them
+    size = config.num_virtual_tokens * width
+    if config.projection_dim is not None:  # E (N, kv_dim) and the MLP kv_dim -> projection_dim -> width
+        size = config.num_virtual_tokens * kv_dim + (kv_dim + 1 + width) * config.projection_dim + width
+    check_virtual_tokens(model, config, size)
     encoders = peft_model.input_adapters
     if "prefix" not in encoders:
-        encoders["prefix"] = PrefixEncoder(*integrations.attention_geometry(model))
+        encoders["prefix"] = PrefixEncoder(layers, kv_heads, head_dim)
     device = next(model.parameters()).device
     ids = init_token_ids(config, model.get_input_embeddings().num_embeddings)
     # Li & Liang's init from real words: the keys and values the model gives those tokens.

@@ -17,7 +17,7 @@ from .. import integrations, validate
 from ..config import MethodConfig
 from ..formats import peft_config as files
 from ..methods.prompt import PromptEncoder, initial_prompt
-from .common import Method, check_input_side_supported, check_token_init
+from .common import TOKEN_INITS, Method, check_input_side_supported, check_token_init, check_virtual_tokens
 
 
 @dataclass
@@ -47,6 +47,8 @@ class PromptConfig(MethodConfig):
     def __post_init__(self) -> None:
         self._check_modules_to_save()
         validate.positive_int("PromptConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        if self.init is None:
+            raise validate.InvalidValue("PromptConfig", "init", f"one of {TOKEN_INITS}", None)
         check_token_init(self)
 
 
@@ -57,7 +59,9 @@ def attach(peft_model: Any, config: PromptConfig, name: str, trained_in_full: li
     if not integrations.accepts_argument(model, "inputs_embeds"):
         raise ValueError(f"prompt tuning feeds embeddings, but {type(model).__name__}.forward "
                          "takes no inputs_embeds.")
-    init = initial_prompt(config, model.get_input_embeddings())
+    embed = model.get_input_embeddings()
+    check_virtual_tokens(model, config, config.num_virtual_tokens * embed.embedding_dim)
+    init = initial_prompt(config, embed)
     encoders = peft_model.input_adapters
     if "prompt" not in encoders:
         encoders["prompt"] = PromptEncoder(init.shape[1])
