@@ -115,3 +115,22 @@ class HandLora(nn.Module):
     def forward(self, x):
         s = self.alpha / self.r if self.scale else 1.0
         return self.linear(x) + s * (x @ self.A.t() @ self.B.t())
+
+
+def write_jsonl(path, rows):
+    """Write ``rows`` (dicts) as a JSONL file; returns ``path``."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def reference_run_inputs(root):
+    """(model folder, data file) for a quick ``peftkit train``: a tiny reference decoder and 24
+    prompt/completion examples of the demo's task B."""
+    from peftkit.pretrain import task_lines
+
+    tiny_reference().save_pretrained(root / "reference")
+    rows = [{"prompt": line.rsplit(",", 1)[0] + ",", "completion": line.rsplit(",", 1)[1]}
+            for line in task_lines("B", 24, 0)]
+    return root / "reference", write_jsonl(root / "data.jsonl", rows)

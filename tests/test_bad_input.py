@@ -12,13 +12,15 @@ import dataclasses
 import json
 import math
 
+import argparse
+
 import pytest
 
 import peftkit
-from peftkit import registry
+from peftkit import cli, registry
 from peftkit.adapter_files import read_config
 from peftkit.formats.adapter_folder import AdapterFileError
-from helpers import tiny_llama
+from helpers import reference_run_inputs, tiny_llama
 
 NAN, INF = math.nan, math.inf
 # Bad values by the kind of field (from its annotation); None is bad unless the field is optional.
@@ -116,3 +118,78 @@ def test_a_huge_size_is_refused_before_anything_is_allocated(config):
         peftkit.attach(model, config)
     assert "\n" not in str(caught.value)
     assert {n for n in model.state_dict()} == set(before)
+
+
+# -- the command line: every numeric option of `peftkit train` ---------------------------------
+BAD_TEXT = {int: ["0", "-1", "2.5", "x", "nan"], float: ["nan", "inf", "-inf", "-1", "x", "1e400"]}
+# Values of that list an option accepts on purpose.
+ACCEPTED = {"--checkpoint-every": {"0"}, "--seed": {"0"}}
+
+
+def _train_actions() -> list[argparse.Action]:
+    parser = cli.build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    return [a for a in train._actions if a.type in (int, float)]
+
+
+def _method_of(dest: str) -> str | None:
+    """The --method a method option belongs to (the first that declares it), None for a run option."""
+    return next((m.name for m in registry.METHODS if dest in m.cli_options), None)
+
+
+CLI_CASES = [pytest.param(action.option_strings[0], _method_of(action.dest), value,
+                          id=f"{action.option_strings[0]}={value}")
+             for action in _train_actions() for value in BAD_TEXT[action.type]
+             if value not in ACCEPTED.get(action.option_strings[0], set())]
+
+
+def test_every_numeric_train_option_is_driven():
+    options = {c.values[0] for c in CLI_CASES}
+    assert {"--lr", "--steps", "--epochs", "--grad-accum", "--lora-plus-ratio", "--r", "--alpha",
+            "--dropout", "--bottleneck", "--virtual-tokens", "--projection-dim"} <= options
+    assert options == {a.option_strings[0] for a in _train_actions()}
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    return reference_run_inputs(tmp_path_factory.mktemp("bad-cli"))
+
+
+@pytest.mark.parametrize("option, method, value", CLI_CASES)
+def test_a_bad_train_option_exits_2_with_one_line_naming_it(option, method, value, run_inputs, tmp_path, capsys):
+    model, data = run_inputs
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
+            "--steps", "1", *(["--method", method] if method else []), f"{option}={value}"]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse refusing a value that is not a number
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(("error:", "peftkit train: error:")), err
+    assert option in last, err
+    assert not out.exists()
+
+
+def test_token_ids_outside_the_vocabulary_stop_train_at_the_line(run_inputs, tmp_path, capsys):
+    """Checked when the data is read, against the model's own vocabulary (ids the model
+    has no row for would index past its embedding)."""
+    model, _ = run_inputs
+    data = tmp_path / "ids.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3, 4]}\n' * 5 + '{"input_ids": [1, 2, 99999, 4]}\n')
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "line 6" in err and "99999" in err
+    assert not out.exists()
+
+
+def test_compare_counts_prefix_tuning_on_a_model_folder(run_inputs, capsys):
+    model, _ = run_inputs
+    assert cli.main(["compare", "--model", str(model)]) == 0
+    prefix_row = next(line for line in capsys.readouterr().out.splitlines() if "prefix" in line)
+    assert "n/a" not in prefix_row

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference
+from helpers import save_transformers_folder, tiny_bert, tiny_llama, tiny_reference, write_jsonl
 from safetensors.torch import load_file
 
 from peftkit.pretrain import task_lines
@@ -26,11 +26,6 @@ def cli(*args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +135,11 @@ def test_classification_reports_accuracy(folders, tmp_path):
     assert "/ 6 held-out examples" in proc.stdout
     no_rows = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "none",
                   "--eval-limit", 0, "--no-progress", check=False)
-    assert no_rows.returncode == 2 and "--eval-limit" in no_rows.stderr and "below 1" in no_rows.stderr
+    assert no_rows.returncode == 2 and "(set by --eval-limit)" in no_rows.stderr and "positive integer" in no_rows.stderr
     refused = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "no",
                   "--lora-plus-ratio", 0.5, "--no-progress", check=False)
-    assert refused.returncode == 2 and "0.5 is below 1" in refused.stderr and not (tmp_path / "no").exists()
+    assert refused.returncode == 2 and "lora_plus_ratio must be a finite number >= 1" in refused.stderr
+    assert "got 0.5" in refused.stderr and not (tmp_path / "no").exists()
 
 
 def test_info_on_a_broken_folder_says_what_is_wrong(folders, tmp_path):

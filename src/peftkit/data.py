@@ -7,18 +7,25 @@ One JSON object per line, all lines of one format:
 - ``{"text": ..., "label": ...}``        sequence classification (label: string or int);
 - ``{"input_ids": [...], "labels": [...]?}`` pre-tokenized (labels default to input_ids).
 
-Errors name the file and line and say how to fix it; nothing is half-loaded.
+Errors name the file and line and say how to fix it; nothing is half-loaded. A file is
+UTF-8, with or without a byte-order mark. An example left with no label to learn from
+(a prompt that fills ``max_length``, empty ``input_ids``, labels all -100) is left out with
+a warning, and counted on the dataset; a file with no example left is an error.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .validate import positive_int
 
 FORMATS = {
     "text": ("text",),
@@ -27,10 +34,27 @@ FORMATS = {
     "tokens": ("input_ids",),
 }
 _OPTIONAL = {"tokens": ("labels",)}
+IGNORE = -100  # a label left out of the loss
+_SHOWN = 5  # dropped examples named in a message
 
 
 class DataError(ValueError):
     """A data file that cannot be used as it is."""
+
+
+class Record(dict):
+    """One line of a data file, as its JSON object, remembering where it was read so that
+    later errors can name the line."""
+
+    __slots__ = ("path", "line")
+
+    def __init__(self, data: dict, path: Path, line: int) -> None:
+        super().__init__(data)
+        self.path, self.line = path, line
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}"
 
 
 @dataclass
@@ -44,9 +68,59 @@ class Dataset:
     format: str
     examples: list[Example]
     classes: list[str] = field(default_factory=list)  # classification only
+    dropped_where: list[str] = field(default_factory=list)  # left out: "where: why", in file order
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def dropped(self) -> int:
+        """How many examples were left out because no label was left to learn from."""
+        return len(self.dropped_where)
+
+
+def _json_type(value: Any) -> str:
+    """``value`` as JSON names it, with the value itself, for messages."""
+    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
+            "an array" if isinstance(value, list) else "an object")
+    if value is None:
+        return kind
+    shown = json.dumps(value, ensure_ascii=False)
+    return f"{kind} ({shown[:40] + '...' if len(shown) > 40 else shown})"
+
+
+def _token_ids(obj: dict, key: str, where: str, *, labels: bool = False) -> None:
+    values = obj[key]
+    if not isinstance(values, list):
+        raise DataError(f'{where}: "{key}" must be an array of integer token ids, got {_json_type(values)}.')
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise DataError(f'{where}: "{key}"[{i}] must be an integer token id, got {_json_type(t)}.')
+        if t < 0 and not (labels and t == IGNORE):
+            allowed = " (or -100 to leave the position out of the loss)" if labels else ""
+            raise DataError(f'{where}: "{key}"[{i}] is {t}; a token id is 0 or more{allowed}.')
+
+
+def _check_fields(obj: dict, fmt: str, where: str) -> None:
+    """The JSON types of a record of format ``fmt``: DataError naming the field and the type."""
+    missing = [k for k in FORMATS[fmt] if k not in obj]
+    if missing:
+        raise DataError(f"{where}: the {fmt!r} format needs the keys {list(FORMATS[fmt])}; {missing} missing.")
+    if fmt == "tokens":
+        _token_ids(obj, "input_ids", where)
+        if "labels" in obj:
+            _token_ids(obj, "labels", where, labels=True)
+            if len(obj["labels"]) != len(obj["input_ids"]):
+                raise DataError(f'{where}: "labels" has {len(obj["labels"])} entries but "input_ids" has '
+                                f'{len(obj["input_ids"])}; give one label per token (-100 to skip one).')
+        return
+    for key in ("text", "prompt", "completion"):
+        if key in obj and not isinstance(obj[key], str):
+            raise DataError(f'{where}: "{key}" must be a string, got {_json_type(obj[key])}.')
+    label = obj.get("label", "")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise DataError(f'{where}: "label" must be a string or an integer (the class), got {_json_type(label)}.')
 
 
 def _line_format(obj: dict, where: str) -> str:
@@ -61,43 +135,71 @@ def _line_format(obj: dict, where: str) -> str:
     )
 
 
-def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
-    """Parse ``path``; return the format shared by all lines and the raw records."""
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "save the file as UTF-8.") from e
+    # A byte-order mark, as some Windows tools write one (at the start of each file they join).
+    return text.removeprefix("\ufeff")
+
+
+def read_jsonl(path: str | Path) -> tuple[str, list[Record]]:
+    """Parse ``path``; return the format shared by all lines and the records, each checked
+    for the keys and JSON types of that format."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist.")
-    records, fmt = [], None
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno}).") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{where} must be a JSON object, got {type(obj).__name__}.")
-            line_fmt = _line_format(obj, where)
-            if fmt is None:
-                fmt, first = line_fmt, number
-            elif line_fmt != fmt:
-                raise DataError(
-                    f"{where} is in the {line_fmt!r} format but line {first} set {fmt!r}; "
-                    "a file holds one format only."
-                )
-            records.append(obj)
+    records, fmt, first = [], None, 0
+    try:
+        with path.open("rb") as f:  # bytes: a decoding error is then reported by line
+            lines = list(f)
+    except OSError as e:
+        raise DataError(f"cannot read data file {path} ({e.strerror}).") from e
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}, line {number}"
+        line = _decode(raw, where)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno}).") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{where} must be a JSON object, got {_json_type(obj)}.")
+        line_fmt = _line_format(obj, where)
+        if fmt is None:
+            fmt, first = line_fmt, number
+        elif line_fmt != fmt:
+            raise DataError(
+                f"{where} is in the {line_fmt!r} format but line {first} set {fmt!r}; "
+                "a file holds one format only."
+            )
+        _check_fields(obj, line_fmt, where)
+        records.append(Record(obj, path, number))
     if not records:
         raise DataError(f"data file {path} holds no examples.")
     return fmt, records
 
 
-def build_dataset(fmt: str, records: list[dict], encode: Callable[[str], list[int]], *,
-                  eos_id: int | None, max_length: int, classes: Sequence[str] | None = None) -> Dataset:
+def build_dataset(fmt: str, records: Sequence[dict], encode: Callable[[str], list[int]], *,
+                  eos_id: int | None, max_length: int, classes: Sequence[str] | None = None,
+                  vocab_size: int | None = None) -> Dataset:
     """Tokenize records. ``encode`` maps text to ids (with the model's BOS if it uses one);
-    causal examples end with ``eos_id`` so the model learns to stop."""
-    end = [] if eos_id is None else [eos_id]
-    examples = []
+    causal examples end with ``eos_id`` so the model learns to stop.
+
+    ``vocab_size`` (the model's, ``LoadedModel.vocab_size``) refuses token ids the model has
+    no embedding for. An example with no label left to predict (see the module docstring)
+    is left out with a warning and listed in ``Dataset.dropped_where``.
+    """
+    positive_int("build_dataset", "max_length", max_length)
+    if vocab_size is not None:
+        positive_int("build_dataset", "vocab_size", vocab_size)
+    wheres = [getattr(r, "where", f"record {i + 1}") for i, r in enumerate(records)]
+    for r, where in zip(records, wheres):
+        if not isinstance(r, Record):  # a Record was checked when its line was read
+            _check_fields(r, fmt, where)
     if fmt == "classification":
         found = sorted({str(r["label"]) for r in records})
         classes = list(classes) if classes is not None else found
@@ -105,24 +207,83 @@ def build_dataset(fmt: str, records: list[dict], encode: Callable[[str], list[in
         if unknown:
             raise DataError(f"labels {unknown} are not among the classes {classes}; add them or fix the data.")
         index = {c: i for i, c in enumerate(classes)}
-        examples = [Example(encode(r["text"])[:max_length], index[str(r["label"])]) for r in records]
-        return Dataset(fmt, examples, classes)
-    for r in records:
-        if fmt == "text":
-            ids = (encode(r["text"]) + end)[:max_length]
-            examples.append(Example(ids, list(ids)))
-        elif fmt == "completion":
-            prompt, completion = encode(r["prompt"]), _encode_continuation(encode, r["completion"]) + end
-            ids = (prompt + completion)[:max_length]
-            labels = ([-100] * len(prompt) + completion)[:max_length]
-            examples.append(Example(ids, labels))
+        built = [Example(encode(r["text"])[:max_length], index[str(r["label"])]) for r in records]
+    else:
+        end = [] if eos_id is None else [eos_id]
+        built = [_causal_example(fmt, r, encode, end, max_length) for r in records]
+    examples, dropped = [], []
+    for example, where in zip(built, wheres):
+        if vocab_size is not None:
+            _check_vocabulary(example, fmt, vocab_size, where)
+        why = _nothing_to_learn(example, fmt, max_length)
+        if why:
+            dropped.append(f"{where}: {why}")
         else:
-            ids = [int(t) for t in r["input_ids"]][:max_length]
-            labels = [int(t) for t in r.get("labels", ids)][:max_length]
-            if len(labels) != len(ids):
-                raise DataError(f"a pre-tokenized line has {len(ids)} input_ids but {len(labels)} labels.")
-            examples.append(Example(ids, labels))
-    return Dataset(fmt, examples)
+            examples.append(example)
+    if dropped:
+        shown = _listing(dropped, records)
+        if not examples:
+            raise DataError(f"no example has a label left to learn from: {shown}. Fix the data, or raise "
+                            "max_length (--max-length) where a prompt fills it.")
+        warnings.warn(f"left out {len(dropped)} of {len(built)} examples with no label to learn from: {shown}.",
+                      UserWarning, stacklevel=2)
+    return Dataset(fmt, examples, list(classes) if fmt == "classification" else [], dropped)
+
+
+def _listing(dropped: list[str], records: Sequence[dict]) -> str:
+    """The first few dropped examples, the file named once when all came from one file."""
+    paths = {getattr(r, "path", None) for r in records}
+    shown = dropped[:_SHOWN]
+    if len(paths) == 1 and None not in paths:
+        prefix = f"{paths.pop()}, "
+        shown = [prefix + "; ".join(d.removeprefix(prefix) for d in shown)]
+    more = f" and {len(dropped) - _SHOWN} more" if len(dropped) > _SHOWN else ""
+    return "; ".join(shown) + more
+
+
+def _causal_example(fmt: str, r: dict, encode: Callable[[str], list[int]], end: list[int],
+                    max_length: int) -> Example:
+    if fmt == "text":
+        ids = (encode(r["text"]) + end)[:max_length]
+        return Example(ids, list(ids))
+    if fmt == "completion":
+        prompt, completion = encode(r["prompt"]), _encode_continuation(encode, r["completion"]) + end
+        ids = (prompt + completion)[:max_length]
+        return Example(ids, ([IGNORE] * len(prompt) + completion)[:max_length])
+    ids = list(r["input_ids"][:max_length])
+    return Example(ids, list(r.get("labels", ids)[:max_length]))
+
+
+def _check_vocabulary(example: Example, fmt: str, vocab_size: int, where: str) -> None:
+    """Every token id (and token label) indexes the model's embedding: an id past it is an
+    index error inside the model (a device-side assert on a GPU)."""
+    labels = example.labels if isinstance(example.labels, list) else []
+    for key, values in (("input_ids", example.input_ids), ("labels", labels)):
+        for i, t in enumerate(values):
+            if t >= vocab_size:
+                span = f"the model's vocabulary (ids 0..{vocab_size - 1})"
+                if fmt == "tokens":
+                    raise DataError(f'{where}: "{key}"[{i}] is {t}, outside {span}; were these ids made '
+                                    "with another model's tokenizer?")
+                raise DataError(f"{where}: the tokenizer gave the id {t}, outside {span}; the tokenizer does "
+                                "not belong to this model (or tokens were added without resizing its embeddings).")
+
+
+def _nothing_to_learn(example: Example, fmt: str, max_length: int) -> str | None:
+    """Why ``example`` gives no loss, or None. A causal LM predicts position t from the
+    tokens before it, so the label of the first position is never used."""
+    if not example.input_ids:
+        return "no tokens"
+    if isinstance(example.labels, int):
+        return None
+    if any(label != IGNORE for label in example.labels[1:]):
+        return None
+    if len(example.input_ids) == 1:
+        return "a single token, nothing to predict"
+    if fmt == "completion":
+        full = len(example.input_ids) == max_length
+        return f"the prompt fills max_length={max_length}" if full else "the completion is empty"
+    return "every label is -100"
 
 
 def _encode_continuation(encode: Callable[[str], list[int]], text: str) -> list[int]:

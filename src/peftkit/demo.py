@@ -29,6 +29,7 @@ from .specs.adapter import AdapterConfig
 from .specs.lora import LoraConfig
 from .specs.prefix import PrefixConfig
 from .specs.prompt import PromptConfig
+from . import validate
 from .data import batches, build_dataset, read_jsonl, split
 from .loading import LoadedModel, load_model, save_model_folder
 from .model import attach, load
@@ -177,6 +178,10 @@ def _merge_check(model: str, data: Path, lora_folder: Path, out_dir: Path, seed:
 
 def run_demo(out_dir: str | Path, *, model: str = "reference", data: str | Path | None = None,
              steps: int = 150, seed: int = BASE_SEED, progress: bool = True) -> DemoReport:
+    validate.positive_int("run_demo", "steps", steps)
+    validate.number("run_demo", "seed", seed, at_least=0, below=2 ** 63)  # torch.manual_seed's range
+    if not isinstance(seed, int):
+        raise validate.InvalidValue("run_demo", "seed", "a whole number", seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:

@@ -114,10 +114,13 @@ def _base_from_gguf(path: Path) -> BaseShape:
 def _base_from_config(folder: Path) -> BaseShape:
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"cannot read {path} ({e}); pass the base model's .gguf file or its transformers "
                           "folder as --model.") from e
+    if not isinstance(config, dict):
+        raise ExportError(f"{path} does not hold a JSON object of model settings; it is corrupt. Copy or "
+                          "download it again, or pass the base model's .gguf file as --model.")
     if config.get("model_type") != "llama":
         raise ExportError(f"{folder} is a {config.get('model_type')!r} model; peftkit exports LoRA adapters for "
                           "llama-architecture models only (Llama, SmolLM, TinyLlama, ...).")

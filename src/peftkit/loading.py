@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .formats.gguf import GgufError, GgufHeader, read_header
@@ -53,6 +56,12 @@ class LoadedModel:
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model reads: the rows of its input embedding (data with a
+        larger id is refused, ``data.build_dataset(vocab_size=...)``)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
 
     @property
     def eos_id(self) -> int | None:
@@ -95,15 +104,37 @@ def reference_base(progress: bool = True) -> Path:
     return folder
 
 
+def read_model_config(file: Path) -> dict:
+    """The JSON object in a model's ``config.json``, or ModelLoadError naming the file."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {file} ({e.strerror}).") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({e}); it is truncated or corrupt. "
+                             "Copy or download it again.") from e
+    if not isinstance(config, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(config), "a number")
+        raise ModelLoadError(f"{file} holds {kind}, not a JSON object of model settings; it is corrupt. "
+                             "Copy or download it again.")
+    return config
+
+
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder} has no config.json; --model takes 'reference', a model folder "
                              "(config.json + weights + tokenizer) or a .gguf file.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e}).") from e
+    return read_model_config(path)
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a model folder (the first of ``WEIGHT_FILES`` there), or ModelLoadError."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelLoadError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}); "
+                         "copy the weights in, or pass the folder that has them.")
 
 
 def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | None = None,
@@ -122,18 +153,21 @@ def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | N
         raise ModelLoadError(f"model path {folder} is a file but not a .gguf file; pass the folder that holds "
                              "config.json and the weights, or a .gguf file.")
     config = _read_config(folder)
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ModelLoadError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}); "
-                             "copy the weights in, or pass the folder that has them.")
+    weights = weights_file(folder)
     if config.get("model_type") == ReferenceConfig.model_type:
         if task != "causal-lm":
             raise ModelLoadError("the reference decoder has no classification head; use a transformers "
                                  "model (e.g. BertForSequenceClassification) for {'text', 'label'} data.")
-        return LoadedModel(ReferenceDecoder.from_pretrained(folder), ByteTokenizer(), str(folder))
-    return _load_transformers(folder, task, num_labels)
+        try:
+            model = ReferenceDecoder.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as e:
+            where = "" if str(folder) in str(e) else f"{folder / 'config.json'}: "
+            raise ModelLoadError(f"{where}{e}. Copy or download the model folder again.") from e
+        return LoadedModel(model, ByteTokenizer(), str(folder))
+    return _load_transformers(folder, weights, task, num_labels)
 
 
-def _load_transformers(folder: Path, task: str, num_labels: int | None) -> LoadedModel:
+def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int | None) -> LoadedModel:
     try:
         import transformers
     except ImportError as e:
@@ -142,8 +176,17 @@ def _load_transformers(folder: Path, task: str, num_labels: int | None) -> Loade
     kwargs: dict[str, Any] = {"local_files_only": True}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(folder, **kwargs)
+    except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{weights} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt. "
+                             "Copy or download it again.") from e
+    except RuntimeError as e:  # torch's zip reader, or weights of other shapes than config.json's
+        raise ModelLoadError(f"{folder}: transformers could not load the weights ({e}); {weights.name} is "
+                             "truncated or corrupt, or does not match config.json. Copy or download the "
+                             "model again.") from e
     except ValueError as e:  # transformers' words for an architecture without that head
         raise ModelLoadError(f"{folder}: transformers cannot build a {task} model from it ({e}).") from e
     try:
@@ -257,15 +300,34 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in config.items() if v is not None}
 
 
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The first (name, tensor) pair holding NaN or inf, as "name (k of n values)", or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values are NaN or inf)"
+    return None
+
+
 def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
     """Write ``loaded.model`` (and its tokenizer) as a model folder that ``load_model`` and,
     for transformers models, ``from_pretrained`` read: safetensors weights, built aside and
-    renamed into place so a crash leaves no half-written folder."""
+    renamed into place so a crash leaves no half-written folder. A model with a NaN or
+    infinite weight is refused before anything is written: it could only compute NaN."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file; pick a new folder for the model.")
     if folder.exists() and any(folder.iterdir()):
         raise ModelLoadError(f"{folder} is not empty; pick a new folder for the model.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    bad = first_non_finite(loaded.model.state_dict().items())
+    if bad is not None:
+        raise ModelLoadError(f"the model's weight {bad}; nothing was written to {folder}. A model with "
+                             "non-finite weights outputs NaN: find where they came from (an adapter "
+                             "trained into NaN, a 16-bit overflow) and save again.")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise ModelLoadError(f"cannot write into {folder.parent} ({e.strerror}); pick a folder you can write to.") from e
     try:
         if isinstance(loaded.model, ReferenceDecoder):
             loaded.model.save_pretrained(staging)
@@ -281,64 +343,9 @@ def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
     return folder
 
 
-def describe_model(path: str | Path) -> dict[str, str]:
-    """Readable facts of a model folder, .gguf file or 'reference': kind, architecture,
-    shape, parameters, storage and size, and peftkit's default LoRA targets for it."""
-    from . import integrations
-    from .targets import DEFAULT_TARGETS, architecture_targets
-
-    path = Path(path)
-    gguf_file = gguf_file_in(path) if str(path) != REFERENCE else None
-    model = meta_model(path)
-    value = lambda *names: integrations.config_value(model, *names)  # noqa: E731
-    facts = {
-        "kind": ("GGUF file (dequantized to float32 on load)" if gguf_file else
-                 "peftkit's reference decoder" if str(path) == REFERENCE else "model folder"),
-        "architecture": f"{type(model).__name__} ({integrations.model_type(model)})",
-        "layers": integrations.num_layers(model),
-        "hidden size": value("hidden_size", "n_embd", "d_model"),
-        "attention heads": f"{integrations.num_attention_heads(model)} query, "
-                           f"{value('num_key_value_heads') or integrations.num_attention_heads(model)} key/value",
-        "vocabulary": value("vocab_size"),
-        "parameters": f"{sum(p.numel() for p in model.parameters()):,}",
-    }
-    if gguf_file:
-        types = read_gguf_header(gguf_file).tensor_types()
-        facts["storage"] = ", ".join(f"{n} x {t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
-        facts["size on disk"] = f"{gguf_file.stat().st_size / 2**20:.1f} MB"
-    elif path.is_dir():
-        facts["storage"] = _stored_dtypes(path)
-        if path.is_dir():
-            facts["size on disk"] = f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20:.1f} MB"
-    targets = architecture_targets(model, DEFAULT_TARGETS, "peft_default_targets")
-    facts["default LoRA targets"] = ", ".join(targets) if targets else "none known: pass --targets"
-    return {k: v for k, v in facts.items() if v is not None}
-
-
-def _stored_dtypes(folder: Path) -> str:
-    """The dtypes of a folder's safetensors weights, read from the file header."""
-    from safetensors import SafetensorError, safe_open
-
-    file = folder / "model.safetensors"
-    if not file.is_file():
-        return "(sharded or not safetensors)"
-    counts: dict[str, int] = {}
-    try:
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():
-                dtype = weights.get_slice(name).get_dtype()
-                counts[dtype] = counts.get(dtype, 0) + 1
-    except SafetensorError as e:
-        raise ModelLoadError(f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt. "
-                             "Copy or download it again.") from e
-    return ", ".join(f"{n} x {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
 def meta_model(path: str | Path) -> nn.Module:
     """The model's module tree on the meta device (shapes only, no memory, no weights read),
     from a model folder, a bare config.json, a .gguf file, or 'reference'."""
-    import torch
-
     if str(path) == REFERENCE:
         config = ReferenceConfig().to_dict()
     elif gguf_file_in(Path(path)) is not None:
@@ -348,10 +355,7 @@ def meta_model(path: str | Path) -> nn.Module:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ModelLoadError(f"{path} is neither a model folder nor a config.json file.")
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{file} is not valid JSON ({e}).") from e
+        config = read_model_config(file)
     if config.get("model_type") == ReferenceConfig.model_type:
         with torch.device("meta"):
             return ReferenceDecoder(ReferenceConfig.from_dict(config))

@@ -4,39 +4,71 @@ log and the summary."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 
 from .config import PeftConfig
+from .formats import atomic
 from .model import PeftModel
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, _checkpoint_paths, evaluate, train
+from .validate import number, positive_int
 
 
 # -- a whole run: what `peftkit train` does ------------------------------------------------
 @dataclass
 class RunOptions:
-    """Everything about a run besides the model, the data and the method."""
+    """Everything about a run besides the model, the data and the method.
 
-    steps: int | None = None  # optimizer steps; default one epoch
-    epochs: float | None = None
+    Every field is checked on construction (``validate.InvalidValue`` names the field, the
+    allowed range and the value): counts are ints >= 1, rates and fractions finite and in
+    range, a bool is never a number. None means "the default" only where a field allows it
+    (steps, epochs, lr, eval_data, eval_limit); an explicit value, 0 included, is never
+    replaced by a default.
+    """
+
+    steps: int | None = None  # optimizer steps; default: `epochs` epochs
+    epochs: float | None = None  # default 1 (when steps is None too)
     lr: float | None = None  # default: the method's (M9)
     batch_size: int = 8
     grad_accum: int = 1
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # 0 <= x < 1
     seed: int = 0
     max_length: int = 512
-    checkpoint_every: int = 50
-    warmup_ratio: float = 0.1
+    checkpoint_every: int = 50  # 0: no checkpoints
+    warmup_ratio: float = 0.1  # 0 <= x <= 1
     eval_data: str | None = None  # a held-out JSONL file; default: eval_fraction of the data
     lora_plus_ratio: float = LORA_PLUS_RATIO  # LoRA's B rate over A's at default rates; 1 = off
     eval_limit: int | None = None  # score only the first N held-out examples (a quicker look)
+
+    def __post_init__(self) -> None:
+        owner = "RunOptions"
+        if self.steps is not None:
+            positive_int(owner, "steps", self.steps)
+        if self.epochs is not None:
+            # The cap keeps the step count a number (1e308 epochs overflow it); no run is that long.
+            number(owner, "epochs", self.epochs, above=0, at_most=1e6)
+        if self.lr is not None:
+            number(owner, "lr", self.lr, above=0)
+        for name in ("batch_size", "grad_accum", "max_length"):
+            positive_int(owner, name, getattr(self, name))
+        positive_int(owner, "checkpoint_every", self.checkpoint_every, minimum=0)  # 0: none, as train()
+        number(owner, "eval_fraction", self.eval_fraction, at_least=0, below=1)
+        positive_int(owner, "seed", self.seed, minimum=0)
+        number(owner, "seed", self.seed, at_most=2**64 - 1)  # torch.manual_seed's range
+        number(owner, "warmup_ratio", self.warmup_ratio, at_least=0, at_most=1)
+        number(owner, "lora_plus_ratio", self.lora_plus_ratio, at_least=1, hint=" (1 turns LoRA+ off)")
+        if self.eval_limit is not None:
+            positive_int(owner, "eval_limit", self.eval_limit)
 
 
 @dataclass
@@ -59,32 +91,128 @@ class RunSummary:
     classes: list[str]
     resumed_from: int
     rates: dict[str, float] = field(default_factory=dict)  # TrainResult.rates
+    dropped: int = 0  # examples left out: no label to learn from (data.build_dataset)
 
 
 class RunFolderError(ValueError):
-    """An output folder that holds something other than this run."""
+    """An output folder that cannot take this run: it holds something else, another run is
+    using it, it cannot be written, or --resume finds nothing to resume."""
 
 
 RUN_FILE = "run.json"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+LOCK_FILE = ".peftkit-run.lock"  # locked (flock) by the run using the folder
 
 
-def _claim_out_dir(out_dir: Path, identity: dict, resume: bool) -> None:
-    """Refuse to mix runs: a non-empty folder must hold this very run (and then needs --resume)."""
+def _lock(out_dir: Path) -> IO[str]:
+    """Lock ``out_dir`` for this process, or refuse: the lock is the OS's (``flock`` on an
+    open file), so it ends with the process, even one killed with SIGKILL, and never goes stale.
+    The file stays (removing it would let a third run lock a new file beside a live lock)."""
+    import fcntl
+
+    handle = open(out_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise RunFolderError(f"{out_dir} is in use by another peftkit run"
+                             + (f" (process {holder})" if holder.isdigit() else "")
+                             + "; wait for it to finish, or pick another --out.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")  # for the message a second run prints
+    handle.flush()
+    return handle
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove what a killed run leaves half-written in its folder: ``*.tmp`` files, unfinished
+    checkpoints (``.partial-*``) and adapter staging folders; a committed adapter replacement
+    is completed instead (``atomic.recover_folder``). Only names peftkit writes are touched."""
+    staging = f".{ADAPTER}{atomic.STAGING}"
+    for folder, stale in ((out_dir, staging), (out_dir / CHECKPOINTS, ".partial-"),
+                          (out_dir / ADAPTER, atomic.STAGING)):
+        if not folder.is_dir():
+            continue
+        if folder.name == ADAPTER:
+            atomic.recover_folder(folder)
+        for entry in folder.iterdir():
+            if entry.is_dir() and entry.name.startswith(stale):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file() and entry.name.endswith(".tmp"):
+                entry.unlink(missing_ok=True)
+
+
+def _read_run_file(run_file: Path) -> dict:
+    try:
+        return json.loads(run_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{run_file} cannot be read as a peftkit run ({e}); pick another --out.") from e
+
+
+def _settle(out_dir: Path, identity: dict, resume: bool) -> None:
+    """Under the lock: decide whether this run may use ``out_dir``, then clean and stamp it.
+
+    Only a folder with a checkpoint or a finished adapter holds a run. Such a folder must
+    hold this very run (run.json equal to ``identity``) and then needs ``resume``, which
+    needs a checkpoint. Anything else that run.json marks as peftkit's is the stub of a
+    start that failed or was killed before its first checkpoint: a new run takes it over
+    (new run.json, empty log), and ``resume`` is refused because there is nothing to resume.
+    """
     run_file = out_dir / RUN_FILE
-    if out_dir.exists() and any(out_dir.iterdir()):
+    has_checkpoint = bool(_checkpoint_paths(out_dir / CHECKPOINTS))
+    if has_checkpoint or (out_dir / ADAPTER).is_dir():
         if not run_file.is_file():
             raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
-        previous = json.loads(run_file.read_text())
+        previous = _read_run_file(run_file)
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise RunFolderError(f"{out_dir} holds a different run (it differs in {changed}); pick another --out.")
         if not resume:
             raise RunFolderError(f"{out_dir} already holds this run; pass --resume to continue it or pick another --out.")
+        if not has_checkpoint:
+            raise RunFolderError(f"{out_dir} holds this run's finished adapter but no checkpoint to resume from; "
+                                 "pick another --out to train again.")
+        _remove_leftovers(out_dir)
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, run_file)
+    if resume:
+        raise RunFolderError(f"--resume: {out_dir} holds no checkpoint to resume from (a run writes its first "
+                             "one after --checkpoint-every steps); run again without --resume to start afresh.")
+    _remove_leftovers(out_dir)
+    (out_dir / LOG_FILE).unlink(missing_ok=True)
+    with atomic.replacing(run_file) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def _claim_out_dir(out_dir: Path, identity: dict, resume: bool) -> IO[str]:
+    """Take ``out_dir`` for this run and return the open lock file: the folder stays locked
+    until it is closed (or the process ends). Refused with ``RunFolderError``: a path that is
+    not a folder, a folder that cannot be written, a non-empty folder that is not a peftkit
+    run's, a folder another run is using, and what ``_settle`` refuses."""
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RunFolderError(f"--out {out_dir} is a file, not a folder; pick a folder (it is created if missing).")
+        if out_dir.is_dir() and not (out_dir / RUN_FILE).is_file() and any(
+                entry.name != LOCK_FILE for entry in out_dir.iterdir()):
+            raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out_dir)
+    except OSError as e:
+        raise RunFolderError(f"cannot use {out_dir} as --out: {e.strerror or e}; pick a folder you can "
+                             "write to.") from e
+    try:
+        _settle(out_dir, identity, resume)
+    except OSError as e:
+        lock.close()
+        raise RunFolderError(f"cannot prepare {out_dir} for the run: {e}; pick another --out.") from e
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def _rewrite_log(path: Path, keep_through_step: int) -> None:
@@ -93,9 +221,8 @@ def _rewrite_log(path: Path, keep_through_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOptions):
@@ -109,8 +236,11 @@ def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOp
                                 "the held-out file must use the same format.")
     try:
         return datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
-                                     max_length=options.max_length, classes=train_set.classes or None)
+                                     max_length=options.max_length, classes=train_set.classes or None,
+                                     vocab_size=loaded.vocab_size)
     except datamod.DataError as e:
+        if "are not among the classes" not in str(e):  # a bad line: its own message says it all
+            raise datamod.DataError(f"held-out file {path}: {e}") from e
         raise datamod.DataError(f"held-out file {path}: {e} The training data has no example of it, so "
                                 "the model cannot learn it: add examples to the training file or drop "
                                 "those lines.") from e
@@ -123,11 +253,19 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     held-out split, and write ``out_dir``: run.json, train_log.jsonl, checkpoints/, adapter/.
 
     ``loaded`` is a ``peftkit.loading.LoadedModel``; ``preflight`` is passed to ``train``.
+    The data, the options and the method are checked before anything is written. The folder
+    is locked for the whole run (``_claim_out_dir``): a second run, or a ``resume``, while
+    this one is alive gets ``RunFolderError``. ``resume`` continues from the newest
+    checkpoint and is refused when there is none. A run that stops (an exception,
+    ``train.NonFiniteError``, a kill) writes no adapter/ and keeps its checkpoints; one that
+    stops before its first checkpoint is taken over by the next run into the folder.
     """
     from . import data as datamod
     from .model import attach
 
     out_dir = Path(out_dir)
+    # Checked again: a field assigned after construction skipped __post_init__.
+    options = dataclasses.replace(options)
     if config.base_model_name_or_path is None:
         config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     fmt, records = datamod.read_jsonl(data_path)
@@ -136,8 +274,8 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
             f"{data_path} is {fmt!r} data but the model was loaded for {loaded.task!r}; "
             "{'text', 'label'} lines need a sequence-classification model and the others a causal LM.")
     dataset = datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
-                                    max_length=options.max_length)
-    if options.eval_data:
+                                    max_length=options.max_length, vocab_size=loaded.vocab_size)
+    if options.eval_data is not None:
         train_set, eval_set = dataset, _held_out_file(options.eval_data, fmt, dataset, loaded, options)
     else:
         train_set, eval_set = datamod.split(dataset, options.eval_fraction, options.seed)
@@ -148,33 +286,36 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     torch.manual_seed(options.seed)
     train_batches = datamod.batches(train_set, options.batch_size, loaded.pad_id, shuffle=True, seed=options.seed)
     eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
-    steps = options.steps or max(1, math.ceil((options.epochs or 1.0) * len(train_batches) / options.grad_accum))
+    if options.steps is not None:
+        steps = options.steps
+    else:
+        epochs = 1.0 if options.epochs is None else options.epochs
+        steps = max(1, math.ceil(epochs * len(train_batches) / options.grad_accum))
 
     identity = {"model": loaded.source, "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**dataclasses.asdict(options), "steps": steps}}
-    _claim_out_dir(out_dir, identity, resume)
+    with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
+        pm = attach(loaded.model, config)
+        trainable, total = pm.parameter_counts()
+        eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
+        checkpoints = out_dir / CHECKPOINTS
+        resumed_from = 0
+        if resume:  # _claim_out_dir made sure that there is a checkpoint
+            resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
+            _rewrite_log(out_dir / LOG_FILE, resumed_from)
 
-    pm = attach(loaded.model, config)
-    trainable, total = pm.parameter_counts()
-    eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
-    checkpoints = out_dir / "checkpoints"
-    resumed_from = 0
-    if resume and _checkpoint_paths(checkpoints):
-        resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
-        _rewrite_log(out_dir / "train_log.jsonl", resumed_from)
+        with (out_dir / LOG_FILE).open("a") as log:
+            def write_log(record: dict) -> None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
-    with (out_dir / "train_log.jsonl").open("a") as log:
-        def write_log(record: dict) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-        result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
-                       grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
-                       checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
-                       resume=resume, on_step=write_log, preflight=preflight,
-                       lora_plus_ratio=options.lora_plus_ratio)
-    eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
-    adapter_dir = pm.save(out_dir / "adapter")
+            result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
+                           grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
+                           checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
+                           resume=resume, on_step=write_log, preflight=preflight,
+                           lora_plus_ratio=options.lora_plus_ratio)
+        eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
+        adapter_dir = pm.save(out_dir / ADAPTER)
     return RunSummary(
         method=config.peft_type, trainable_params=trainable, total_params=total,
         train_examples=len(train_set), eval_examples=len(eval_set), steps=steps,
@@ -183,4 +324,5 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         eval_before=eval_before, eval_after=eval_after, adapter_dir=str(adapter_dir),
         adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()),
         classes=list(dataset.classes), resumed_from=resumed_from, rates=result.rates,
+        dropped=dataset.dropped,
     )

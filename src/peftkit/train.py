@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import registry
 from .config import PeftConfig
 from .model import PeftModel
+from .validate import flag, number, positive_int
 
 def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = None) -> float:
     """The learning rate a method trains well with when the user gives none (M9): its
@@ -82,9 +83,8 @@ def default_parameter_groups(model: PeftModel, lora_plus_ratio: float = LORA_PLU
     ``lora_plus_ratio`` times that; ``lora_plus_ratio=1`` trains A and B at the plain rate.
     Each group also names its ``adapter`` and its method's rate (``base_lr``); use them in
     your own loop as ``torch.optim.AdamW(default_parameter_groups(pm))``."""
-    if lora_plus_ratio < 1:
-        raise ValueError(f"lora_plus_ratio is B's rate over A's and must be at least 1 (1 turns LoRA+ off), "
-                         f"got {lora_plus_ratio}.")
+    number("default_parameter_groups", "lora_plus_ratio", lora_plus_ratio, at_least=1,
+           hint=" (B's rate over A's, so at least 1; 1 turns LoRA+ off)")
     groups = []
     for name, params in model.parameter_groups():
         rate = default_learning_rate(model.configs[name], model)
@@ -180,6 +180,71 @@ def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, resu
     return int(state["step"])
 
 
+class NonFiniteError(ValueError):
+    """Training produced a loss or a gradient that is NaN or infinite, and stopped before
+    applying it: ``step`` (1-based) is the step that failed, ``where`` says what was not
+    finite, ``checkpoint`` is the newest checkpoint on disk (None when there is none)."""
+
+    def __init__(self, message: str, *, step: int, where: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.where, self.checkpoint = step, where, checkpoint
+
+
+def _check_train_arguments(batches: Sequence[dict], steps, lr, warmup_ratio, weight_decay, grad_accum,
+                           checkpoint_every, resume, lora_plus_ratio, param_groups) -> None:
+    """The rules RunOptions applies, for a caller of ``train`` who skips RunOptions."""
+    positive_int("train", "steps", steps)
+    if lr is not None:
+        number("train", "lr", lr, above=0)
+    number("train", "warmup_ratio", warmup_ratio, at_least=0, at_most=1)
+    number("train", "weight_decay", weight_decay, at_least=0)
+    positive_int("train", "grad_accum", grad_accum)
+    positive_int("train", "checkpoint_every", checkpoint_every, minimum=0)
+    flag("train", "resume", resume)
+    number("train", "lora_plus_ratio", lora_plus_ratio, at_least=1)
+    for index, group in enumerate(param_groups or ()):
+        number("train", f"param_groups[{index}]['lr']", group.get("lr"), above=0)
+    if len(batches) == 0:
+        raise ValueError("train needs at least one batch; the data gave none.")
+
+
+def _gradient_owners(model: torch.nn.Module) -> dict[int, tuple[str, str]]:
+    """id(parameter) -> (group, path): the group is "adapter '<name>' <role>" as the adapter's
+    module declares the role (lora_A, lora_B, prompt, ...); in a plain model, the path alone."""
+    if not isinstance(model, PeftModel):
+        return {id(p): (n, n) for n, p in model.named_parameters() if p.requires_grad}
+    owners = {}
+    for name in model.active_adapters:
+        for path, role, param in model.adapter_parameters([name]):
+            owners.setdefault(id(param), (f"adapter '{name}' {role}", path))
+    return owners
+
+
+def _non_finite_gradients(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters whose gradient holds a NaN or an infinity."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return []
+    # One fused norm per tensor and a single sync per step; NaN or inf in a tensor makes its
+    # norm non-finite. A huge finite gradient can overflow the norm, so the rare hit is
+    # confirmed tensor by tensor before anything is refused.
+    norms = torch._foreach_norm(grads)
+    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
+        return []
+    return [p for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def _stop(what: str, step: int, where: str, checkpoints: Path | None, lora_plus: bool) -> NonFiniteError:
+    """The error for a non-finite ``what`` at ``step``: what was kept, and what to try."""
+    newest = _checkpoint_paths(checkpoints)[-1] if checkpoints is not None and _checkpoint_paths(checkpoints) else None
+    kept = (f"the last good checkpoint, {newest}, is kept" if newest is not None
+            else "no checkpoint had been written yet")
+    tries = "a lower learning rate (--lr), a look at the data near this step"
+    tries += ", or a lower --lora-plus-ratio (1 turns LoRA+ off)" if lora_plus else ""
+    message = f"training stopped at step {step}: {what}. Nothing of step {step} was applied and {kept}. Try {tries}."
+    return NonFiniteError(message, step=step, where=where, checkpoint=newest)
+
+
 def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: float | None = None,
           warmup_ratio: float = 0.1, weight_decay: float = 0.0, grad_accum: int = 1,
           progress: bool = True, desc: str = "train", checkpoint_dir: str | Path | None = None,
@@ -190,15 +255,22 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
 
-    With ``checkpoint_dir`` and ``checkpoint_every``, a checkpoint is written every N steps;
-    ``resume=True`` continues from the newest one, so a killed run ends with the same adapter
-    as an uninterrupted one. ``on_step`` receives {step, loss, lr, tokens, seconds}.
+    With ``checkpoint_dir`` and ``checkpoint_every``, a checkpoint is written every N steps
+    (0: none); ``resume=True`` continues from the newest one, so a killed run ends with the
+    same adapter as an uninterrupted one. ``on_step`` receives {step, loss, lr, tokens, seconds}.
     ``preflight(model, optimizer, first_batch)`` runs before the first step (the doctor) and
     may raise to stop the run. ``param_groups`` (AdamW groups, each with its ``lr``) replaces
     the groups ``lr`` or the defaults would give. Without ``lr`` a LoRA adapter trains LoRA+
     style (``default_parameter_groups``; ``lora_plus_ratio=1`` turns that off); an explicit
     ``lr`` trains every parameter at that one rate.
+
+    The numbers are checked as RunOptions checks them (``validate.InvalidValue``). A loss
+    or a gradient that is NaN or infinite raises ``NonFiniteError`` before the optimizer
+    applies it: the model keeps the weights of the step before, the checkpoints on disk stay,
+    and neither ``on_step`` nor a checkpoint sees the failed step.
     """
+    _check_train_arguments(batches, steps, lr, warmup_ratio, weight_decay, grad_accum, checkpoint_every,
+                           resume, lora_plus_ratio, param_groups)
     if param_groups is not None:
         groups = param_groups
     elif lr is not None:
@@ -224,6 +296,9 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result)
     if preflight is not None:
         preflight(model, optimizer, batches[(first_step * grad_accum) % len(batches)])
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    owners = _gradient_owners(model)
+    lora_plus = "lora_B" in result.rates
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc,
@@ -233,9 +308,21 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
         for micro in range(grad_accum):
             batch = batches[(step * grad_accum + micro) % len(batches)]
             loss = model(**batch).loss / grad_accum
+            value = loss.item()
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                raise _stop(f"the loss of micro-batch {micro + 1} of {grad_accum} is {value}", step + 1,
+                            "loss", checkpoints, lora_plus)
             loss.backward()
-            step_loss += loss.item()
+            step_loss += value
             result.tokens += _count_tokens(batch)
+        bad = _non_finite_gradients(stepped)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            named = [owners.get(id(p), ("a parameter outside the adapters", "?")) for p in bad]
+            groups_hit = sorted({group for group, _ in named})
+            raise _stop(f"the gradient of {', '.join(groups_hit)} is not finite ({len(bad)} tensor(s), "
+                        f"first {named[0][1]})", step + 1, ", ".join(groups_hit), checkpoints, lora_plus)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -256,29 +343,38 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     return result
 
 
+def _scored(labels: torch.Tensor) -> torch.Tensor:
+    """Which labels a metric scores: for a causal LM (B, T) the targets labels[:, 1:] (the
+    first token is never predicted), for classification (B,) every label; -100 is masked."""
+    return (labels[:, 1:] if labels.dim() > 1 else labels) != -100
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
     """Held-out loss and accuracy: per predicted token for a causal LM (labels (B, T), the
     model predicting position t+1 from t), per example for classification (labels (B,)).
+    Labels of -100 are not scored, so an example whose labels are all masked counts for
+    nothing (a batch of only such examples is skipped rather than giving a NaN loss).
     ``progress`` shows a bar (a held-out file of thousands of rows takes minutes on a CPU)."""
     loss_sum, loss_count, correct, total = 0.0, 0, 0, 0
     was_training = model.training
     model.eval()
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         labels = batch["labels"]
+        counted = _scored(labels)
+        n = int(counted.sum())
+        if n == 0:  # the model's mean loss over no tokens is NaN (0 / 0)
+            continue
         out = model(**batch)
         if labels.dim() == 1:
-            n = labels.numel()
-            predicted = out.logits.argmax(-1)
-            correct += int((predicted == labels).sum())
+            correct += int(((out.logits.argmax(-1) == labels) & counted).sum())
         else:
             # Soft prompts put extra positions in front; the last T logits are the tokens'.
             logits = out.logits[:, -labels.shape[1]:]
-            target = labels[:, 1:]
-            counted = target != -100
-            n = int(counted.sum())
-            correct += int(((logits[:, :-1].argmax(-1) == target) & counted).sum())
+            correct += int(((logits[:, :-1].argmax(-1) == labels[:, 1:]) & counted).sum())
+        # The model's loss is the mean over its scored labels: weighted by their number, the
+        # held-out loss is the mean over every scored label of every batch.
         loss_sum += out.loss.item() * n
         loss_count += n
         total += n

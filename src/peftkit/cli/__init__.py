@@ -9,11 +9,19 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .parser import build_parser
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for the terminal ("warning: left out 2 of 22 examples ..."),
+    without the source path and code line Python adds for programmers."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _plain_warning
     args = build_parser().parse_args(argv)
     return args.func(args)
 

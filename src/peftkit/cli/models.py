@@ -37,8 +37,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..model import load
     from ..formats.adapter_folder import AdapterFileError
     from .. import registry
-    from ..adapter_files import read_config
-    from ..loading import ModelLoadError, load_model, save_model_folder
+    from ..adapter_files import adapter_tensors, read_config
+    from ..loading import ModelLoadError, first_non_finite, load_model, save_model_folder
 
     try:
         config = read_config(args.adapter)
@@ -49,6 +49,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
                          "the weights. Serve it with the adapter attached (peftkit.load) instead.")
         loaded = load_model(args.model, progress=False)
         pm = load(loaded.model, args.adapter)
+        bad = first_non_finite(adapter_tensors(pm, "default").items())
+        if bad is not None:  # merged, it would make every output NaN
+            return _fail(f"{args.adapter} holds non-finite weights: {bad}; nothing was written. Its training "
+                         "went non-finite: train it again (a lower --lr, or fp32), or use an earlier checkpoint.")
         ids = _probe_ids(loaded)
         with torch.no_grad():
             unmerged = pm(input_ids=ids).logits
@@ -120,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config = read_config(folder)
         tensors = read_tensors(folder)
     except AdapterFileError as e:
-        print(f"{folder}: not a usable adapter folder.\n  problem: {e}", file=sys.stderr)
+        print(f"error: {folder} is not a usable adapter folder: {e}", file=sys.stderr)
         return 1
     settings = {k: v for k, v in config.to_dict().items()
                 if k not in ("peft_type", "target_modules", "base_model_name_or_path", "task_type") and v is not None}
@@ -142,12 +146,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _model_info(path) -> int:
     """Describe a base model from its config or GGUF header alone (no weights are read)."""
-    from ..loading import ModelLoadError, gguf_file_in, describe_model
+    from ..loading import ModelLoadError, gguf_file_in
+    from ..model_info import describe_model
 
     try:
         facts = describe_model(path)
     except ModelLoadError as e:
-        print(f"{path}: not a usable model.\n  problem: {e}", file=sys.stderr)
+        print(f"error: {path} is not a usable model: {e}", file=sys.stderr)
         return 1
     print(f"{gguf_file_in(path) or path}")
     print(_table([(k, str(v)) for k, v in facts.items()]))
@@ -176,23 +181,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(args.prompt + loaded.decode(out[0, ids.shape[1]:].tolist()))
     return 0
 
+def _compared_methods(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(label, config) of each method ``peftkit compare`` counts; the configs check the numbers."""
+    from .. import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
+
+    return [
+        (f"LoRA r={args.r} (default targets)", LoraConfig(r=args.r, alpha=2 * args.r)),
+        (f"LoRA r={args.r} all-linear", LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
+        (f"adapter pfeiffer b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck)),
+        (f"adapter houlsby b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
+        # A random init: the count is the same, and the "vocab" init would run the meta model.
+        (f"prefix {args.prefix_tokens} tokens", PrefixConfig(num_virtual_tokens=args.prefix_tokens, init="random")),
+        (f"prompt {args.prompt_tokens} tokens", PromptConfig(num_virtual_tokens=args.prompt_tokens)),
+    ]
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Trainable parameters of each method on the real module tree, built on the meta device."""
-    from .. import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
     from ..loading import ModelLoadError, meta_model
     from ..model import attach
 
     source = args.model or args.config
     if source is None:
         return _fail("pass --model PATH (or 'reference') or --config config.json.")
-    methods = [
-        (f"LoRA r={args.r} (default targets)", LoraConfig(r=args.r, alpha=2 * args.r)),
-        (f"LoRA r={args.r} all-linear", LoraConfig(r=args.r, alpha=2 * args.r, target_modules="all-linear")),
-        (f"adapter pfeiffer b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck)),
-        (f"adapter houlsby b={args.bottleneck}", AdapterConfig(bottleneck=args.bottleneck, placement="houlsby")),
-        (f"prefix {args.prefix_tokens} tokens", PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
-        (f"prompt {args.prompt_tokens} tokens", PromptConfig(num_virtual_tokens=args.prompt_tokens)),
-    ]
+    try:
+        methods = _compared_methods(args)
+    except ValueError as e:
+        return _fail(f"{e} (set by --r, --bottleneck, --prefix-tokens or --prompt-tokens)")
     try:
         total = sum(p.numel() for p in meta_model(source).parameters())
         rows = [("full fine-tuning", total)]

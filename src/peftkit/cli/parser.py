@@ -8,23 +8,6 @@ from .models import cmd_compare, cmd_doctor, cmd_export, cmd_generate, cmd_info,
 from .training import cmd_demo, cmd_train
 
 
-def _positive_int(text: str) -> int:
-    """An option that counts something: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1.")
-    return value
-
-def _lora_plus_ratio(text: str) -> float:
-    """--lora-plus-ratio: a number of at least 1 (B's rate over A's)."""
-    ratio = float(text)
-    if ratio < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1: the ratio is B's rate over A's; 1 turns LoRA+ off.")
-    return ratio
-
 def build_parser() -> argparse.ArgumentParser:
     from .. import registry
 
@@ -50,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=float)
     train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4 at hidden size 4096, "
                        "scaled by sqrt(4096/hidden) for other widths; prompt 3e-2, prefix 1e-2, adapters 1e-4)")
-    train.add_argument("--lora-plus-ratio", type=_lora_plus_ratio, metavar="R",
+    train.add_argument("--lora-plus-ratio", type=float, metavar="R",
                        help="with the default LoRA rate, train B at R times A's rate and A at half the "
                             "rate (LoRA+, Hayou et al. 2024; default 16); 1 trains both at the rate. "
                             "An explicit --lr trains everything at that one rate")
@@ -58,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--eval-fraction", type=float, default=0.1, help="share held out for evaluation")
     train.add_argument("--eval-data", help="a held-out JSONL file (same format) instead of --eval-fraction")
-    train.add_argument("--eval-limit", type=_positive_int, metavar="N",
+    train.add_argument("--eval-limit", type=int, metavar="N",
                        help="score only the first N held-out examples, before and after training "
                             "(default: all; thousands of rows take minutes on a CPU)")
     train.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..validate import InvalidValue
 from .output import _fail, _human_bytes, _table
 
 
@@ -79,7 +80,13 @@ def _method_config(args: argparse.Namespace, tokenizer=None):
         kwargs["target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
     if kwargs.get("init") == "text":
         kwargs["tokenizer"] = tokenizer
-    return method.config_class(**kwargs)
+    try:
+        return method.config_class(**kwargs)
+    except InvalidValue as e:  # the config's own check; say which option set the field
+        options = [dest for dest, field in method.cli_options.items() if field == e.field]
+        if not options:
+            raise
+        raise ValueError(f"{e} (set by --{options[0].replace('_', '-')})") from None
 
 class PreflightFailed(Exception):
     """The doctor found an error before the first training step."""
@@ -107,29 +114,47 @@ def _rate_split(rates: dict[str, float]) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`peftkit train`: exit 0 when the adapter is written.
+
+    Exit 2, with one ``error:`` line, when an input is refused before training: an option
+    out of range (the line names the option that set it; nothing is written), the data or
+    the model (nothing is written), the method (at most the stub of a failed start, which
+    the next run into --out takes over), or the --out folder (a file, not writable, another
+    run's, locked by a live run, or --resume with no checkpoint to resume from).
+    Exit 1 when the run itself stopped: the doctor's pre-flight found an error, or a loss or
+    gradient became NaN or infinite (one ``error:`` line naming the step and the parameter
+    group; the last good checkpoint is kept and no adapter is written).
+    """
     from ..data import DataError, read_jsonl
     from ..formats.adapter_folder import AdapterFileError
     from ..loading import ModelLoadError, load_model
     from ..runs import RunFolderError, RunOptions, run_training
+    from ..train import NonFiniteError
+    from ..validate import InvalidValue
 
+    given = {"lora_plus_ratio": args.lora_plus_ratio} if args.lora_plus_ratio is not None else {}
+    try:  # first: a number out of range is refused before the model is loaded
+        options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
+                             max_length=args.max_length, checkpoint_every=args.checkpoint_every,
+                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
+                             eval_limit=args.eval_limit, **given)
+    except InvalidValue as e:  # each RunOptions field is set by the option of its name
+        return _fail(f"{e} (set by --{e.field.replace('_', '-')})")
     try:
         fmt, records = read_jsonl(args.data)
         task = "classification" if fmt == "classification" else "causal-lm"
         num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
         loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress)
         config = _method_config(args, loaded.tokenizer)
-        options = RunOptions(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                             grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
-                             max_length=args.max_length, checkpoint_every=args.checkpoint_every,
-                             warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
-                             eval_limit=args.eval_limit)
-        if args.lora_plus_ratio is not None:
-            options.lora_plus_ratio = args.lora_plus_ratio
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress, preflight=_doctor_preflight)
     except PreflightFailed as e:
         print(f"peftkit doctor stopped the run before the first step:\n{e}", file=sys.stderr)
         return 1
+    except NonFiniteError as e:
+        _fail(str(e))
+        return 1  # the run started and failed, unlike a refused input (2)
     except (DataError, ModelLoadError, RunFolderError, AdapterFileError, ValueError) as e:
         return _fail(str(e))
     share = 100 * summary.trainable_params / summary.total_params
@@ -137,7 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("method", summary.method),
         ("trainable parameters", f"{summary.trainable_params:,} of {summary.total_params:,} ({share:.3f}%)"),
         ("data", f"{summary.train_examples} train / {summary.eval_examples} held-out examples"
-                 + (f", classes {summary.classes}" if summary.classes else "")),
+                 + (f", classes {summary.classes}" if summary.classes else "")
+                 + (f" ({summary.dropped} left out: no label to learn from)" if summary.dropped else "")),
         ("steps", f"{summary.steps} at lr {summary.learning_rate:.2g}" + _rate_split(summary.rates)
                   + (f" (resumed at step {summary.resumed_from})" if summary.resumed_from else "")),
         ("time", f"{summary.seconds:.1f} s, {summary.tokens / max(summary.seconds, 1e-9):,.0f} tokens/s"),

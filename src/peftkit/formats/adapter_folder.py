@@ -97,7 +97,8 @@ def read_config_data(directory: str | Path) -> tuple[dict[str, Any], Path]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated.") from e
+        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated. Save or "
+                               "download the adapter again.") from e
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object.")
     return data, path
@@ -116,11 +117,14 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
     if legacy.is_file():
         try:
             tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        except pickle.UnpicklingError as e:  # what weights_only says of anything but tensors
             raise AdapterFileError(
                 f"{legacy} was refused: it is corrupt or holds objects other than tensors, and "
                 f"peftkit never unpickles arbitrary objects ({e}). Convert it to safetensors."
             ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's zip reader on a cut file
+            raise AdapterFileError(f"{legacy} is corrupt or truncated ({type(e).__name__}: {e}); save or "
+                                   "download the adapter again.") from e
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFileError(f"{legacy} does not hold a flat name -> tensor mapping.")
         return tensors
