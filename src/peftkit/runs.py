@@ -110,7 +110,11 @@ def _lock(out_dir: Path) -> IO[str]:
     """Lock ``out_dir`` for this process, or refuse: the lock is the OS's (``flock`` on an
     open file), so it ends with the process, even one killed with SIGKILL, and never goes stale.
     The file stays (removing it would let a third run lock a new file beside a live lock)."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; a run without its lock could corrupt another's folder
+        raise RunFolderError("peftkit train locks its --out folder with fcntl.flock, which this system "
+                             "lacks (Windows); run it under WSL or Linux.") from None
 
     handle = open(out_dir / LOCK_FILE, "a+")
     try:
