@@ -193,3 +193,16 @@ def test_compare_counts_prefix_tuning_on_a_model_folder(run_inputs, capsys):
     assert cli.main(["compare", "--model", str(model)]) == 0
     prefix_row = next(line for line in capsys.readouterr().out.splitlines() if "prefix" in line)
     assert "n/a" not in prefix_row
+
+
+@pytest.mark.parametrize("options, option", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "100000000"], "--max-new-tokens"), (["--sample", "--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"), (["--seed", "-3"], "--seed"),
+])
+def test_a_bad_generate_option_is_one_error_line(options, option, run_inputs, capsys):
+    model, _ = run_inputs
+    code = cli.main(["generate", "--model", str(model), "--prompt", "one plus one is", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and option in err

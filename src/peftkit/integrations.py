@@ -163,6 +163,12 @@ def config_value(model: nn.Module, *names: str) -> Any:
     return None
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """How many positions the model reads at most (prompt, virtual tokens and new tokens
+    together), where its config says it (the reference decoder's ``max_positions`` too)."""
+    return config_value(model, "max_position_embeddings", "n_positions", "max_positions")
+
+
 def num_layers(model: nn.Module) -> int | None:
     return config_value(model, "num_hidden_layers", "n_layer", "num_layers")
 

@@ -163,8 +163,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..model import load
     from ..formats.adapter_folder import AdapterFileError
+    from .. import integrations, validate
     from ..loading import ModelLoadError, load_model
 
+    try:
+        validate.positive_int("generate", "max_new_tokens", args.max_new_tokens)
+        validate.number("generate", "temperature", args.temperature, above=0)
+        validate.positive_int("generate", "seed", args.seed, minimum=0)
+    except validate.InvalidValue as e:
+        return _fail(f"{e} (set by --{e.field.replace('_', '-')})")
     try:
         loaded = load_model(args.model, progress=False)
         model = load(loaded.model, args.adapter) if args.adapter else loaded.model
@@ -172,6 +179,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail(str(e))
     torch.manual_seed(args.seed)
     ids = _probe_ids(loaded, args.prompt)
+    positions = integrations.max_positions(loaded.model)
+    if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
+        return _fail(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed "
+                     f"the {positions} positions the model reads; ask for at most "
+                     f"{max(positions - ids.shape[1], 0)} new tokens.")
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
               "eos_token_id": loaded.eos_id, "pad_token_id": loaded.pad_id}
     if args.sample:

@@ -78,7 +78,7 @@ def check_virtual_tokens(model: nn.Module, config: MethodConfig, adapter_size: i
     ``adapter_size`` parameters, must be smaller than the model it adapts (a prompt that big
     is not parameter-efficient, and a typo such as 20000000 would exhaust memory)."""
     name, n = type(config).__name__, config.num_virtual_tokens
-    positions = integrations.config_value(model, "max_position_embeddings", "n_positions")
+    positions = integrations.max_positions(model)
     if positions is not None and n >= positions:
         raise ValueError(f"{name}.num_virtual_tokens={n} leaves no room for the input: the model reads "
                          f"at most {positions} positions; use far fewer (PEFT's guides use 8 to 100).")
