@@ -145,7 +145,7 @@ CLI_CASES = [pytest.param(action.option_strings[0], _method_of(action.dest), val
 
 def test_every_numeric_train_option_is_driven():
     options = {c.values[0] for c in CLI_CASES}
-    assert {"--lr", "--steps", "--epochs", "--grad-accum", "--lora-plus-ratio", "--r", "--alpha",
+    assert {"--lr", "--max-steps", "--max-grad-norm", "--epochs", "--grad-accum", "--lora-plus-ratio", "--r", "--alpha",
             "--dropout", "--bottleneck", "--virtual-tokens", "--projection-dim"} <= options
     assert options == {a.option_strings[0] for a in _train_actions()}
 

@@ -73,7 +73,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("option,value", [
-    ("--lr", "nan"), ("--lr", "-1"), ("--steps", "0"), ("--grad-accum", "0"), ("--epochs", "-2"),
+    ("--lr", "nan"), ("--lr", "-1"), ("--max-steps", "0"), ("--grad-accum", "0"), ("--epochs", "-2"),
     ("--epochs", "0"), ("--lora-plus-ratio", "nan"), ("--batch-size", "0"), ("--eval-fraction", "1.0"),
     ("--warmup-ratio", "inf"), ("--max-length", "0"), ("--seed", "-1"),
 ])

@@ -20,7 +20,7 @@ import torch
 from .config import PeftConfig
 from .formats import atomic
 from .model import PeftModel
-from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, _checkpoint_paths, evaluate, train
+from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
 from .validate import number, positive_int
 
 
@@ -49,6 +49,7 @@ class RunOptions:
     eval_data: str | None = None  # a held-out JSONL file; default: eval_fraction of the data
     lora_plus_ratio: float = LORA_PLUS_RATIO  # LoRA's B rate over A's at default rates; 1 = off
     eval_limit: int | None = None  # score only the first N held-out examples (a quicker look)
+    max_grad_norm: float = MAX_GRAD_NORM  # clip each step's gradient to this total norm; 0 = off
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -69,6 +70,7 @@ class RunOptions:
         number(owner, "lora_plus_ratio", self.lora_plus_ratio, at_least=1, hint=" (1 turns LoRA+ off)")
         if self.eval_limit is not None:
             positive_int(owner, "eval_limit", self.eval_limit)
+        number(owner, "max_grad_norm", self.max_grad_norm, at_least=0, hint=" (0 turns clipping off)")
 
 
 @dataclass
@@ -317,7 +319,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
                            grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                            checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
                            resume=resume, on_step=write_log, preflight=preflight,
-                           lora_plus_ratio=options.lora_plus_ratio)
+                           lora_plus_ratio=options.lora_plus_ratio, max_grad_norm=options.max_grad_norm)
         eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
         adapter_dir = pm.save(out_dir / ADAPTER)
     return RunSummary(

@@ -220,6 +220,45 @@ def _gradient_owners(model: torch.nn.Module) -> dict[int, tuple[str, str]]:
     return owners
 
 
+MAX_GRAD_NORM = 1.0  # the bound transformers' Trainer, axolotl and LLaMA-Factory clip to by default
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, index: int, value: float) -> None:
+        self.index, self.value = index, value
+
+
+def _label_count(batch: dict) -> int:
+    """The label tokens a batch's loss is the mean over (``_scored``)."""
+    return int(_scored(batch["labels"]).sum())
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict]) -> float:
+    """Forward and backward over one optimizer step's micro-batches; return the step's loss.
+
+    The model's loss for a micro-batch is the mean over its n_i label tokens. Weighting it by
+    n_i / N, with N = sum of n_i over the step, makes the step's loss (and gradient) the mean
+    over all N tokens, which one batch of every row would give: the plain mean of the
+    micro-batch means would count a token of a short micro-batch more than one of a long one
+    (transformers, torchtune and mlx-lm normalise over the step's tokens for this reason).
+    A micro-batch with no label token adds nothing and is not run (its mean would be 0/0).
+    Raises ``_NonFiniteLoss`` before the backward of a non-finite loss.
+    """
+    counts = [_label_count(batch) for batch in micro_batches]
+    total = sum(counts)
+    step_loss = 0.0
+    for index, (batch, count) in enumerate(zip(micro_batches, counts)):
+        if count == 0:
+            continue
+        loss = model(**batch).loss
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _NonFiniteLoss(index, value)
+        (loss * (count / total)).backward()
+        step_loss += value * count / total
+    return step_loss
+
+
 def _non_finite_gradients(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     """The parameters whose gradient holds a NaN or an infinity."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -251,9 +290,13 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
           checkpoint_every: int = 0, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
           preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
-          param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO) -> TrainResult:
+          param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO,
+          max_grad_norm: float = MAX_GRAD_NORM) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
+    A step's loss is normalised over all its label tokens (``accumulate_gradients``), and its
+    gradient is clipped to a total norm of ``max_grad_norm`` (0: no clipping); ``on_step``
+    gets the norm before clipping as ``grad_norm``.
 
     With ``checkpoint_dir`` and ``checkpoint_every``, a checkpoint is written every N steps
     (0: none); ``resume=True`` continues from the newest one, so a killed run ends with the
@@ -271,6 +314,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     """
     _check_train_arguments(batches, steps, lr, warmup_ratio, weight_decay, grad_accum, checkpoint_every,
                            resume, lora_plus_ratio, param_groups)
+    number("train", "max_grad_norm", max_grad_norm, at_least=0, hint=" (0 turns clipping off)")
     if param_groups is not None:
         groups = param_groups
     elif lr is not None:
@@ -304,18 +348,14 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc,
                disable=not progress, dynamic_ncols=True)
     for step in bar:
-        step_loss = 0.0
-        for micro in range(grad_accum):
-            batch = batches[(step * grad_accum + micro) % len(batches)]
-            loss = model(**batch).loss / grad_accum
-            value = loss.item()
-            if not math.isfinite(value):
-                optimizer.zero_grad(set_to_none=True)
-                raise _stop(f"the loss of micro-batch {micro + 1} of {grad_accum} is {value}", step + 1,
-                            "loss", checkpoints, lora_plus)
-            loss.backward()
-            step_loss += value
-            result.tokens += _count_tokens(batch)
+        micro_batches = [batches[(step * grad_accum + micro) % len(batches)] for micro in range(grad_accum)]
+        try:
+            step_loss = accumulate_gradients(model, micro_batches)
+        except _NonFiniteLoss as e:
+            optimizer.zero_grad(set_to_none=True)
+            raise _stop(f"the loss of micro-batch {e.index + 1} of {grad_accum} is {e.value}", step + 1,
+                        "loss", checkpoints, lora_plus) from None
+        result.tokens += sum(_count_tokens(batch) for batch in micro_batches)
         bad = _non_finite_gradients(stepped)
         if bad:
             optimizer.zero_grad(set_to_none=True)
@@ -323,6 +363,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
             groups_hit = sorted({group for group, _ in named})
             raise _stop(f"the gradient of {', '.join(groups_hit)} is not finite ({len(bad)} tensor(s), "
                         f"first {named[0][1]})", step + 1, ", ".join(groups_hit), checkpoints, lora_plus)
+        # clip_grad_norm_ returns the norm before clipping; an infinite bound only measures it.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(stepped, max_grad_norm or math.inf))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -334,7 +376,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{current_lr:.2e}",
                         tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
         if on_step is not None:
-            on_step({"step": step + 1, "loss": step_loss, "lr": current_lr,
+            on_step({"step": step + 1, "loss": step_loss, "lr": current_lr, "grad_norm": grad_norm,
                      "tokens": result.tokens, "seconds": elapsed})
         if checkpoints is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
             save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result)

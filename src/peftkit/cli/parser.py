@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=[m.name for m in registry.METHODS], default="lora")
     train.add_argument("--out", required=True, help="output folder (run.json, train_log.jsonl, checkpoints/, adapter/)")
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    length.add_argument("--max-steps", "--steps", dest="steps", type=int,
+                        help="optimizer steps (default: one epoch); --steps is the same option")
     length.add_argument("--epochs", type=float)
     train.add_argument("--lr", type=float, help="learning rate (default: the method's: LoRA 2e-4 at hidden size 4096, "
                        "scaled by sqrt(4096/hidden) for other widths; prompt 3e-2, prefix 1e-2, adapters 1e-4)")
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
     train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="clip each step's gradient to this total norm (default 1.0; 0: no clipping)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,100 @@
+"""The training loop's arithmetic: the loss of a step normalised over its label tokens
+whatever the micro-batching, and the gradient clipped to ``max_grad_norm``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import peftkit
+from peftkit import cli
+from peftkit.data import Example, collate
+from peftkit.train import accumulate_gradients, train
+from helpers import reference_run_inputs, tiny_reference
+
+
+def _rows(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 200, (n,), generator=gen).tolist()
+        rows.append(Example(input_ids=ids, labels=ids))
+    return rows
+
+
+def _model():
+    torch.manual_seed(0)
+    pm = peftkit.attach(tiny_reference(), peftkit.LoraConfig(r=4, target_modules=["q", "v"]))
+    with torch.no_grad():  # B away from zero so that every LoRA parameter gets a gradient
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return pm
+
+
+def _grads(pm):
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b_with_uneven_lengths():
+    rows = _rows([30, 28, 5, 3])  # the second micro-batch has far fewer label tokens
+    whole, first, second = collate(rows, 0), collate(rows[:2], 0), collate(rows[2:], 0)
+
+    one = _model()
+    loss_one = accumulate_gradients(one, [whole])
+    two = _model()
+    loss_two = accumulate_gradients(two, [first, second])
+
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    for name, grad in _grads(one).items():
+        torch.testing.assert_close(_grads(two)[name], grad, rtol=1e-4, atol=1e-6)
+    # The mean of the two micro-batch means, what the loop did before, is a different gradient.
+    old = _model()
+    ((old(**first).loss + old(**second).loss) / 2).backward()
+    differences = [(_grads(old)[n] - g).norm() / g.norm() for n, g in _grads(one).items()]
+    assert max(differences) > 0.05
+
+
+def test_a_micro_batch_with_no_label_token_adds_nothing():
+    rows = _rows([12, 9])
+    batch = collate(rows, 0)
+    empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    one, two = _model(), _model()
+    assert accumulate_gradients(two, [batch, empty]) == pytest.approx(accumulate_gradients(one, [batch]))
+    for name, grad in _grads(one).items():
+        torch.testing.assert_close(_grads(two)[name], grad)
+
+
+def test_the_gradient_is_clipped_to_max_grad_norm_and_its_norm_logged(monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    batches = [collate(_rows([20, 16]), 0)]
+    logged = []
+    train(_model(), batches, steps=2, lr=1e-3, progress=False, max_grad_norm=1e-3, on_step=logged.append)
+    assert all(norm <= 1e-3 * (1 + 1e-4) for norm in seen)
+    assert all(record["grad_norm"] > 1e-3 for record in logged)  # the norm before clipping
+
+    seen.clear()
+    logged.clear()
+    train(_model(), batches, steps=1, lr=1e-3, progress=False, max_grad_norm=0, on_step=logged.append)
+    assert seen[0] == pytest.approx(logged[0]["grad_norm"], rel=1e-4)  # 0: measured, not clipped
+
+
+def test_max_steps_is_the_option_and_the_log_has_the_norm(tmp_path, capsys):
+    model, data = reference_run_inputs(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
+                     "--max-steps", "2", "--max-grad-norm", "0.5"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["grad_norm"] > 0 for r in records)
+    assert json.loads((out / "run.json").read_text())["options"]["max_grad_norm"] == 0.5
+    capsys.readouterr()
