@@ -91,6 +91,23 @@ class LoraFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None
 
 
+def lora_linear(x, weight_io, bias, lora_a, lora_b, scaling: float, keep_mask, keep_prob: float) -> torch.Tensor:
+    """``LoraFunction`` in one compute dtype: the autocast dtype when ``torch.autocast`` is on
+    for x's device (bf16 or fp16), else x's own. Every operand is cast to it before the
+    function runs, with autocast off inside, and autograd casts each gradient back to its
+    operand's dtype (float32 adapters keep float32 gradients). Autocast cannot see into a
+    custom Function, and its backward runs outside autocast, so without this a bf16 forward
+    met float32 weights in backward; ``.to`` of a tensor already in that dtype is free."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    if not autocast and lora_a.dtype == dtype and (weight_io is None or weight_io.dtype == dtype):
+        return LoraFunction.apply(x, weight_io, bias, lora_a, lora_b, scaling, keep_mask, keep_prob)  # one dtype
+    cast = [None if t is None else t.to(dtype) for t in (x, weight_io, bias, lora_a, lora_b)]
+    with torch.autocast(device, enabled=False):
+        return LoraFunction.apply(cast[0], cast[1], cast[2], cast[3], cast[4], scaling, keep_mask, keep_prob)
+
+
 class LoraLayer(AdapterModule):
     """State shared by every LoRA layer: named adapters, their scaling and dropout, which are
     active and which are merged into the base weight."""
@@ -262,10 +279,8 @@ class LoraLinear(LoraLayer):
 
     def _apply(self, x, name, weight_io, bias):
         p = self.dropout[name]
-        return LoraFunction.apply(
-            x, weight_io, bias, self.lora_A[name], self.lora_B[name],
-            self.scaling[name], self._keep_mask(x, name), 1.0 - p,
-        )
+        return lora_linear(x, weight_io, bias, self.lora_A[name], self.lora_B[name],
+                           self.scaling[name], self._keep_mask(x, name), 1.0 - p)
 
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].shape[0] for n in self.adapter_names}
