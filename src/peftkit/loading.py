@@ -41,7 +41,9 @@ class LoadedModel:
     """A base model with the text codec that goes with it.
 
     ``task`` is ``"causal-lm"`` or ``"classification"``; ``classes`` names the labels of a
-    classification head.
+    classification head. ``tokenizer`` is None for a transformers folder without tokenizer
+    files: pre-tokenized ``{"input_ids"}`` data trains, merges and exports without one, and
+    only encoding or decoding text asks for it (``ModelLoadError``).
     """
 
     model: nn.Module
@@ -51,7 +53,8 @@ class LoadedModel:
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
+        # Without a tokenizer the model's config says the special ids (transformers keeps them there too).
+        tok = self.tokenizer if self.tokenizer is not None else getattr(self.model, "config", None)
         for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
             if candidate is not None:
                 return int(candidate)
@@ -65,16 +68,25 @@ class LoadedModel:
 
     @property
     def eos_id(self) -> int | None:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return None if eos is None else int(eos)
+        source = self.tokenizer if self.tokenizer is not None else getattr(self.model, "config", None)
+        eos = getattr(source, "eos_token_id", None)
+        return int(eos) if isinstance(eos, int) else None
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"{self.source} has no tokenizer files (tokenizer.json or vocab files), and "
+                                 "text must be encoded: add them to the folder, or give the data as "
+                                 '{"input_ids": [...]} lines, which need none.')
 
     def encode(self, text: str) -> list[int]:
         """Token ids with the model's usual start tokens (BOS, or BERT's [CLS] ... [SEP])."""
+        self._require_tokenizer()
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text, add_bos=True)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
+        self._require_tokenizer()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -191,8 +203,8 @@ def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int |
         raise ModelLoadError(f"{folder}: transformers cannot build a {task} model from it ({e}).") from e
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder} has no tokenizer files (tokenizer.json or vocab files) ({e}).") from e
+    except (OSError, ValueError):  # none in the folder: fine for token-id data (LoadedModel.encode says so)
+        tokenizer = None
     return LoadedModel(model.eval(), tokenizer, str(folder), task)
 
 
@@ -333,7 +345,8 @@ def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
             loaded.model.save_pretrained(staging)
         else:
             loaded.model.save_pretrained(staging, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(staging)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(staging)
         if folder.exists():
             folder.rmdir()
         os.replace(staging, folder)

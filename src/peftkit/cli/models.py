@@ -26,8 +26,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 def _probe_ids(loaded, text: str = "The quick brown fox jumps over the lazy dog.") -> "torch.Tensor":
+    """A short input for merge's before/after comparison: ``text`` encoded, or, for a model
+    without a tokenizer, the first ids of its vocabulary (any ids compare the two models)."""
     import torch
 
+    if loaded.tokenizer is None:
+        return torch.arange(1, 13)[None] % loaded.vocab_size
     return torch.tensor([loaded.encode(text)])
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -175,10 +179,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.model, progress=False)
         model = load(loaded.model, args.adapter) if args.adapter else loaded.model
+        ids = torch.tensor([loaded.encode(args.prompt)])  # generate reads and writes text: a tokenizer is needed
     except (AdapterFileError, ModelLoadError, ValueError) as e:
         return _fail(str(e))
     torch.manual_seed(args.seed)
-    ids = _probe_ids(loaded, args.prompt)
     positions = integrations.max_positions(loaded.model)
     if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
         return _fail(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed "
