@@ -98,3 +98,45 @@ def test_max_steps_is_the_option_and_the_log_has_the_norm(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2] and all(r["grad_norm"] > 0 for r in records)
     assert json.loads((out / "run.json").read_text())["options"]["max_grad_norm"] == 0.5
     capsys.readouterr()
+
+
+def _dataset(n: int = 10):
+    from peftkit.data import Dataset
+
+    return Dataset("tokens", _rows([6 + i % 4 for i in range(n)]))
+
+
+def test_each_epoch_draws_every_example_once_in_a_new_order():
+    from peftkit.data import EpochBatches
+
+    batches = EpochBatches(_dataset(10), batch_size=3, pad_id=0, seed=7)
+    assert len(batches) == 4  # 3 + 3 + 3 + 1
+    orders = [batches.order(epoch) for epoch in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(10))
+    assert orders[0] != orders[1] != orders[2]
+    rows = [batches.at(k)["input_ids"].shape[0] for k in range(8)]
+    assert rows == [3, 3, 3, 1, 3, 3, 3, 1]
+    assert EpochBatches(_dataset(10), 3, 0, seed=7).order(1) == orders[1]  # the seed and epoch alone decide
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_adapter(tmp_path):
+    from peftkit.data import EpochBatches
+
+    def run(directory, stop_at=None, resume=False):
+        pm = _model()
+        batches = EpochBatches(_dataset(10), batch_size=3, pad_id=0, seed=1)
+
+        def on_step(record):
+            if record["step"] == stop_at:
+                raise KeyboardInterrupt  # killed after the checkpoint of the step before
+        train(pm, batches, steps=7, lr=1e-2, progress=False, checkpoint_dir=directory, checkpoint_every=1,
+              resume=resume, on_step=on_step)
+        return {n: p.detach().clone() for n, p in pm.trainable_parameters().items()}
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_at=6)  # step 5 is in the second epoch (4 batches an epoch)
+    resumed = run(tmp_path / "cut", resume=True)
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)

@@ -325,3 +325,34 @@ def batches(dataset: Dataset, batch_size: int, pad_id: int, *, shuffle: bool, se
         random.Random(seed).shuffle(order)
     return [collate([dataset.examples[i] for i in order[k:k + batch_size]], pad_id)
             for k in range(0, len(order), batch_size)]
+
+
+class EpochBatches:
+    """Training batches drawn anew each epoch: epoch e takes the examples in the order of a
+    permutation seeded by (seed, e), in batches of ``batch_size`` (the last one may be
+    shorter). The order is a function of the seed and the epoch alone, so a resumed run
+    draws exactly the batches the uninterrupted run would have, with no sampler state to
+    save. ``len()`` is the number of batches in one epoch; ``at(k)`` is the k-th batch of the
+    run, counting across epochs."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, pad_id: int, seed: int = 0) -> None:
+        positive_int("EpochBatches", "batch_size", batch_size)
+        if not dataset.examples:
+            raise DataError("there are no training examples to draw batches from.")
+        self.dataset, self.batch_size, self.pad_id, self.seed = dataset, batch_size, pad_id, seed
+        self._order: tuple[int, list[int]] | None = None  # (epoch, permutation), the last one drawn
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset.examples) // self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        """The example indices of ``epoch`` in the order they are drawn."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.dataset.examples), generator=generator).tolist())
+        return self._order[1]
+
+    def at(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, len(self))
+        picked = self.order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        return collate([self.dataset.examples[i] for i in picked], self.pad_id)

@@ -30,7 +30,7 @@ from .specs.lora import LoraConfig
 from .specs.prefix import PrefixConfig
 from .specs.prompt import PromptConfig
 from . import validate
-from .data import batches, build_dataset, read_jsonl, split
+from .data import EpochBatches, batches, build_dataset, read_jsonl, split
 from .loading import LoadedModel, load_model, save_model_folder
 from .model import attach, load
 from .pretrain import BASE_SEED, task_lines
@@ -91,7 +91,7 @@ def run_case(index: int, model: str, data: Path, task_a: Path | None, steps: int
     torch.manual_seed(seed)
     loaded = _load(model, data)
     train_set, eval_set = _dataset(loaded, data, seed)
-    train_batches = batches(train_set, BATCH_SIZE, loaded.pad_id, shuffle=True, seed=seed)
+    train_batches = EpochBatches(train_set, BATCH_SIZE, loaded.pad_id, seed=seed)
     eval_batches = batches(eval_set, BATCH_SIZE, loaded.pad_id, shuffle=False)
     total = sum(p.numel() for p in loaded.model.parameters())
     model_under_training = loaded.model if config is None else attach(loaded.model, config)

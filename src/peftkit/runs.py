@@ -290,7 +290,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     if options.eval_limit is not None:
         eval_set = dataclasses.replace(eval_set, examples=eval_set.examples[:options.eval_limit])
     torch.manual_seed(options.seed)
-    train_batches = datamod.batches(train_set, options.batch_size, loaded.pad_id, shuffle=True, seed=options.seed)
+    train_batches = datamod.EpochBatches(train_set, options.batch_size, loaded.pad_id, seed=options.seed)
     eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
     if options.steps is not None:
         steps = options.steps

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import registry
 from .config import PeftConfig
+from .data import EpochBatches
 from .model import PeftModel
 from .validate import flag, number, positive_int
 
@@ -149,6 +150,9 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
     state = {
         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        # Dropout on a GPU draws from the device's own generator: without it a resumed run diverges.
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "mps_rng": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
         "losses": result.losses, "tokens": result.tokens,
     }
     torch.save(state, staging / "state.pt")
@@ -176,6 +180,10 @@ def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, resu
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state.get("mps_rng") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps_rng"])
     result.losses, result.tokens = list(state["losses"]), int(state["tokens"])
     return int(state["step"])
 
@@ -218,6 +226,12 @@ def _gradient_owners(model: torch.nn.Module) -> dict[int, tuple[str, str]]:
         for path, role, param in model.adapter_parameters([name]):
             owners.setdefault(id(param), (f"adapter '{name}' {role}", path))
     return owners
+
+
+def _micro_batch(batches: Sequence[dict] | EpochBatches, index: int) -> dict:
+    """The index-th micro-batch of the run: ``EpochBatches`` draws each epoch anew, a plain
+    list of batches is cycled in its order."""
+    return batches.at(index) if isinstance(batches, EpochBatches) else batches[index % len(batches)]
 
 
 MAX_GRAD_NORM = 1.0  # the bound transformers' Trainer, axolotl and LLaMA-Factory clip to by default
@@ -284,7 +298,7 @@ def _stop(what: str, step: int, where: str, checkpoints: Path | None, lora_plus:
     return NonFiniteError(message, step=step, where=where, checkpoint=newest)
 
 
-def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: float | None = None,
+def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, steps: int, lr: float | None = None,
           warmup_ratio: float = 0.1, weight_decay: float = 0.0, grad_accum: int = 1,
           progress: bool = True, desc: str = "train", checkpoint_dir: str | Path | None = None,
           checkpoint_every: int = 0, resume: bool = False,
@@ -293,7 +307,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
           param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO,
           max_grad_norm: float = MAX_GRAD_NORM) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
-    ``batches`` in order (cycled). A batch is a dict of model keyword arguments with ``labels``.
+    ``batches``: ``data.EpochBatches`` (reshuffled each epoch, as ``peftkit train`` uses) or a
+    list of batches, cycled in order. A batch is a dict of model keyword arguments with ``labels``.
     A step's loss is normalised over all its label tokens (``accumulate_gradients``), and its
     gradient is clipped to a total norm of ``max_grad_norm`` (0: no clipping); ``on_step``
     gets the norm before clipping as ``grad_norm``.
@@ -339,7 +354,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result)
     if preflight is not None:
-        preflight(model, optimizer, batches[(first_step * grad_accum) % len(batches)])
+        preflight(model, optimizer, _micro_batch(batches, first_step * grad_accum))
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     owners = _gradient_owners(model)
     lora_plus = "lora_B" in result.rates
@@ -348,7 +363,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict], *, steps: int, lr: fl
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc,
                disable=not progress, dynamic_ncols=True)
     for step in bar:
-        micro_batches = [batches[(step * grad_accum + micro) % len(batches)] for micro in range(grad_accum)]
+        micro_batches = [_micro_batch(batches, step * grad_accum + micro) for micro in range(grad_accum)]
         try:
             step_loss = accumulate_gradients(model, micro_batches)
         except _NonFiniteLoss as e:
