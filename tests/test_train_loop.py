@@ -89,13 +89,15 @@ def test_the_gradient_is_clipped_to_max_grad_norm_and_its_norm_logged(monkeypatc
     assert seen[0] == pytest.approx(logged[0]["grad_norm"], rel=1e-4)  # 0: measured, not clipped
 
 
-def test_max_steps_is_the_option_and_the_log_has_the_norm(tmp_path, capsys):
+def test_max_steps_is_the_option_and_the_log_has_the_norm_and_held_out_loss(tmp_path, capsys):
     model, data = reference_run_inputs(tmp_path)
     out = tmp_path / "run"
     assert cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
-                     "--max-steps", "2", "--max-grad-norm", "0.5"]) == 0
+                     "--max-steps", "4", "--max-grad-norm", "0.5", "--eval-every", "2"]) == 0
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and all(r["grad_norm"] > 0 for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in records)
+    assert ["eval_loss" in r for r in records] == [False, True, False, True]  # --eval-every 2
+    assert 0 < records[3]["eval_loss"] < records[1]["eval_loss"] * 2 and 0 <= records[3]["eval_accuracy"] <= 1
     assert json.loads((out / "run.json").read_text())["options"]["max_grad_norm"] == 0.5
     capsys.readouterr()
 

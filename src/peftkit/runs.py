@@ -50,6 +50,7 @@ class RunOptions:
     lora_plus_ratio: float = LORA_PLUS_RATIO  # LoRA's B rate over A's at default rates; 1 = off
     eval_limit: int | None = None  # score only the first N held-out examples (a quicker look)
     max_grad_norm: float = MAX_GRAD_NORM  # clip each step's gradient to this total norm; 0 = off
+    eval_every: int | None = None  # held-out loss and accuracy every N steps, in the log
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -71,6 +72,8 @@ class RunOptions:
         if self.eval_limit is not None:
             positive_int(owner, "eval_limit", self.eval_limit)
         number(owner, "max_grad_norm", self.max_grad_norm, at_least=0, hint=" (0 turns clipping off)")
+        if self.eval_every is not None:
+            positive_int(owner, "eval_every", self.eval_every)
 
 
 @dataclass
@@ -312,6 +315,10 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
 
         with (out_dir / LOG_FILE).open("a") as log:
             def write_log(record: dict) -> None:
+                if options.eval_every and eval_batches and record["step"] % options.eval_every == 0:
+                    # In eval mode, so no dropout draws: the run's random stream is unchanged.
+                    held_out = evaluate(pm, eval_batches)
+                    record = {**record, "eval_loss": held_out["loss"], "eval_accuracy": held_out["accuracy"]}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
 

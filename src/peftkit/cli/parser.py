@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-length", type=int, default=512, help="tokens kept per example")
     train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--eval-every", type=int, metavar="N",
+                       help="held-out loss and accuracy every N steps, written to train_log.jsonl")
     train.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip each step's gradient to this total norm (default 1.0; 0: no clipping)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
                              warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
-                             eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, **given)
+                             eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, **given)
     except InvalidValue as e:  # each RunOptions field is set by the option of its name
         option = "max-steps" if e.field == "steps" else e.field.replace("_", "-")
         return _fail(f"{e} (set by --{option})")
