@@ -42,6 +42,10 @@ class DataError(ValueError):
     """A data file that cannot be used as it is."""
 
 
+class UnknownClassError(DataError):
+    """Classification labels outside the classes given to ``build_dataset``."""
+
+
 class Record(dict):
     """One line of a data file, as its JSON object, remembering where it was read so that
     later errors can name the line."""
@@ -205,7 +209,7 @@ def build_dataset(fmt: str, records: Sequence[dict], encode: Callable[[str], lis
         classes = list(classes) if classes is not None else found
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise DataError(f"labels {unknown} are not among the classes {classes}; add them or fix the data.")
+            raise UnknownClassError(f"labels {unknown} are not among the classes {classes}; add them or fix the data.")
         index = {c: i for i, c in enumerate(classes)}
         built = [Example(encode(r["text"])[:max_length], index[str(r["label"])]) for r in records]
     else:

@@ -247,12 +247,12 @@ def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOp
         return datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
                                      max_length=options.max_length, classes=train_set.classes or None,
                                      vocab_size=loaded.vocab_size)
-    except datamod.DataError as e:
-        if "are not among the classes" not in str(e):  # a bad line: its own message says it all
-            raise datamod.DataError(f"held-out file {path}: {e}") from e
+    except datamod.UnknownClassError as e:
         raise datamod.DataError(f"held-out file {path}: {e} The training data has no example of it, so "
                                 "the model cannot learn it: add examples to the training file or drop "
                                 "those lines.") from e
+    except datamod.DataError as e:  # a bad line: its own message says it all
+        raise datamod.DataError(f"held-out file {path}: {e}") from e
 
 
 def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str | Path,

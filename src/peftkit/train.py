@@ -273,18 +273,19 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict]) 
     return step_loss
 
 
-def _non_finite_gradients(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The parameters whose gradient holds a NaN or an infinity."""
+def _gradient_norm(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
+    """(total norm of the gradients, the parameters whose gradient holds a NaN or an infinity).
+
+    One fused norm and a single sync per step, shared by the finiteness check and clipping:
+    NaN or inf in any tensor makes the total non-finite. A huge finite gradient can overflow
+    the total, so the rare hit is confirmed tensor by tensor before anything is refused."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return []
-    # One fused norm per tensor and a single sync per step; NaN or inf in a tensor makes its
-    # norm non-finite. A huge finite gradient can overflow the norm, so the rare hit is
-    # confirmed tensor by tensor before anything is refused.
-    norms = torch._foreach_norm(grads)
-    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
-        return []
-    return [p for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return torch.zeros(()), []
+    total = torch.nn.utils.get_total_norm(grads)
+    if bool(torch.isfinite(total)):
+        return total, []
+    return total, [p for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
 def _stop(what: str, step: int, where: str, checkpoints: Path | None, lora_plus: bool) -> NonFiniteError:
@@ -371,15 +372,16 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
             raise _stop(f"the loss of micro-batch {e.index + 1} of {grad_accum} is {e.value}", step + 1,
                         "loss", checkpoints, lora_plus) from None
         result.tokens += sum(_count_tokens(batch) for batch in micro_batches)
-        bad = _non_finite_gradients(stepped)
+        total_norm, bad = _gradient_norm(stepped)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             named = [owners.get(id(p), ("a parameter outside the adapters", "?")) for p in bad]
             groups_hit = sorted({group for group, _ in named})
             raise _stop(f"the gradient of {', '.join(groups_hit)} is not finite ({len(bad)} tensor(s), "
                         f"first {named[0][1]})", step + 1, ", ".join(groups_hit), checkpoints, lora_plus)
-        # clip_grad_norm_ returns the norm before clipping; an infinite bound only measures it.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(stepped, max_grad_norm or math.inf))
+        if max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(stepped, max_grad_norm, total_norm)
+        grad_norm = float(total_norm)  # before clipping
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
