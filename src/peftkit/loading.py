@@ -26,6 +26,7 @@ from torch import nn
 
 from .formats.gguf import GgufError, GgufHeader, read_header
 from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
+from .precision import place
 
 REFERENCE = "reference"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -150,8 +151,18 @@ def weights_file(folder: Path) -> Path:
 
 
 def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | None = None,
-               progress: bool = True) -> LoadedModel:
-    """Load ``path`` (see the module docstring) for ``task``."""
+               progress: bool = True, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load ``path`` (see the module docstring) for ``task``, on the CPU; with ``dtype``, its
+    floating-point weights are stored in it (a transformers folder is read straight into it,
+    so a 1B model never costs its float32 4 GB)."""
+    loaded = _load(path, task, num_labels, progress, dtype)
+    if dtype is not None:
+        place(loaded.model, torch.device("cpu"), dtype)
+    return loaded
+
+
+def _load(path: str | Path, task: str, num_labels: int | None, progress: bool,
+          dtype: torch.dtype | None) -> LoadedModel:
     if str(path) == REFERENCE:
         path = reference_base(progress)
     folder = Path(path)
@@ -176,10 +187,11 @@ def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | N
             where = "" if str(folder) in str(e) else f"{folder / 'config.json'}: "
             raise ModelLoadError(f"{where}{e}. Copy or download the model folder again.") from e
         return LoadedModel(model, ByteTokenizer(), str(folder))
-    return _load_transformers(folder, weights, task, num_labels)
+    return _load_transformers(folder, weights, task, num_labels, dtype)
 
 
-def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int | None) -> LoadedModel:
+def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int | None,
+                       dtype: torch.dtype | None = None) -> LoadedModel:
     try:
         import transformers
     except ImportError as e:
@@ -188,6 +200,8 @@ def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int |
     kwargs: dict[str, Any] = {"local_files_only": True}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     from safetensors import SafetensorError
 
     try:

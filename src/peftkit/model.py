@@ -62,8 +62,14 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- adapters -------------------------------------------------------------
-    def add_adapter(self, config: PeftConfig, name: str = "default") -> None:
-        """Attach a new adapter ``name`` and make it the active one."""
+    def add_adapter(self, config: PeftConfig, name: str = "default",
+                    adapter_dtype: torch.dtype | None = torch.float32) -> None:
+        """Attach a new adapter ``name`` and make it the active one.
+
+        On a bfloat16 or float16 base the adapter's weights are kept in ``adapter_dtype``
+        (float32 by default, as Hugging Face PEFT's ``autocast_adapter_dtype``: a half-precision
+        weight loses AdamW's small updates to rounding); None keeps the base's dtype. A
+        float32 or float64 base's adapters keep its dtype either way."""
         if name in self.configs:
             raise ValueError(f"an adapter named {name!r} already exists; pick another name.")
         if self._lora_layers_merged():
@@ -74,6 +80,8 @@ class PeftModel(nn.Module):
         copies = sites.trained_copy_paths(self.base_model, config.modules_to_save)
         # The attacher gets the copies too: LoRA leaves the layers inside them alone.
         self.target_paths[name] = method.attach(self, config, name, copies)
+        if adapter_dtype is not None:
+            self._store_adapter_in(name, adapter_dtype)
         # Recorded as resolved, so the config says what was done (as a reloaded file does).
         self.configs[name] = dataclasses.replace(config, modules_to_save=copies)
         self.trained_copy_paths[name] = []
@@ -85,6 +93,14 @@ class PeftModel(nn.Module):
             self.delete_adapter(name)  # leave the model as it was
             raise
         self.set_adapter(name)
+
+    def _store_adapter_in(self, name: str, dtype: torch.dtype) -> None:
+        """Adapter ``name``'s half-precision weights converted to ``dtype`` (through ``.data``,
+        so the modules keep their parameters). Modules trained in full (``modules_to_save``)
+        keep the base's dtype: they run as the layers they copy."""
+        for _, role, param in self.adapter_parameters([name]):
+            if role != "full" and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.to(dtype)
 
     def _trained_copy_at(self, path: str) -> TrainedCopy:
         module = self.base_model.get_submodule(path)
@@ -401,12 +417,15 @@ def load(model: nn.Module, directory: str | Path, name: str = "default", trainab
     return peft_model
 
 
-def attach(model: nn.Module, config: PeftConfig, name: str = "default") -> PeftModel:
+def attach(model: nn.Module, config: PeftConfig, name: str = "default", *,
+           adapter_dtype: torch.dtype | None = torch.float32) -> PeftModel:
     """Attach an adapter to ``model`` and freeze everything else.
 
     ``model`` may be a plain model (it is wrapped, in place) or a PeftModel (the adapter
-    is added beside the existing ones and becomes the active one).
+    is added beside the existing ones and becomes the active one). On a bfloat16 or float16
+    model the adapter's weights are float32 unless ``adapter_dtype`` says otherwise (None:
+    the model's dtype); see ``PeftModel.add_adapter``.
     """
     peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
-    peft_model.add_adapter(config, name)
+    peft_model.add_adapter(config, name, adapter_dtype)
     return peft_model

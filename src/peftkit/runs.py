@@ -21,7 +21,8 @@ from .config import PeftConfig
 from .formats import atomic
 from .model import PeftModel
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
-from .validate import number, positive_int
+from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
+from .validate import InvalidValue, number, one_of, positive_int
 
 
 # -- a whole run: what `peftkit train` does ------------------------------------------------
@@ -51,6 +52,9 @@ class RunOptions:
     eval_limit: int | None = None  # score only the first N held-out examples (a quicker look)
     max_grad_norm: float = MAX_GRAD_NORM  # clip each step's gradient to this total norm; 0 = off
     eval_every: int | None = None  # held-out loss and accuracy every N steps, in the log
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # the frozen base's: auto (bfloat16 on a GPU that has it, else float32) or a name
+    adapter_dtype: str = "float32"  # adapter weights on a half-precision base; "base": the base's dtype
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -74,6 +78,18 @@ class RunOptions:
         number(owner, "max_grad_norm", self.max_grad_norm, at_least=0, hint=" (0 turns clipping off)")
         if self.eval_every is not None:
             positive_int(owner, "eval_every", self.eval_every)
+        if not isinstance(self.device, str) or not self.device:
+            raise InvalidValue(owner, "device", f"a device name ({DEVICES})", self.device)
+        one_of(owner, "dtype", self.dtype, ("auto", *DTYPES))
+        one_of(owner, "adapter_dtype", self.adapter_dtype, ("base", *DTYPES))
+
+    def precision(self) -> Precision:
+        """The device and the base's dtype, checked against this machine (``PrecisionError``)."""
+        device = resolve_device(self.device)
+        return Precision(device, resolve_dtype(self.dtype, device))
+
+    def adapter_torch_dtype(self) -> torch.dtype | None:
+        return None if self.adapter_dtype == "base" else DTYPES[self.adapter_dtype]
 
 
 @dataclass
@@ -97,6 +113,9 @@ class RunSummary:
     resumed_from: int
     rates: dict[str, float] = field(default_factory=dict)  # TrainResult.rates
     dropped: int = 0  # examples left out: no label to learn from (data.build_dataset)
+    device: str = "cpu"
+    dtype: str = "float32"  # the frozen base's
+    skipped_steps: int = 0  # float16 steps the gradient scaler skipped (TrainResult.skipped_steps)
 
 
 class RunFolderError(ValueError):
@@ -275,6 +294,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     out_dir = Path(out_dir)
     # Checked again: a field assigned after construction skipped __post_init__.
     options = dataclasses.replace(options)
+    precision = options.precision()  # a device that is not there: refused before anything is read
     if config.base_model_name_or_path is None:
         config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     fmt, records = datamod.read_jsonl(data_path)
@@ -304,7 +324,8 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     identity = {"model": loaded.source, "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**dataclasses.asdict(options), "steps": steps}}
     with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
-        pm = attach(loaded.model, config)
+        place(loaded.model, precision.device, precision.dtype)
+        pm = attach(loaded.model, config, adapter_dtype=options.adapter_torch_dtype())
         trainable, total = pm.parameter_counts()
         eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
         checkpoints = out_dir / CHECKPOINTS
@@ -337,5 +358,6 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         eval_before=eval_before, eval_after=eval_after, adapter_dir=str(adapter_dir),
         adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()),
         classes=list(dataset.classes), resumed_from=resumed_from, rates=result.rates,
-        dropped=dataset.dropped,
+        dropped=dataset.dropped, device=str(precision.device), dtype=str(precision.dtype).removeprefix("torch."),
+        skipped_steps=result.skipped_steps,
     )

@@ -22,6 +22,7 @@ from . import registry
 from .config import PeftConfig
 from .data import EpochBatches
 from .model import PeftModel
+from .precision import Precision
 from .validate import flag, number, positive_int
 
 def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = None) -> float:
@@ -112,6 +113,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     rates: dict[str, float] = field(default_factory=dict)  # peak rate of each kind of group
+    skipped_steps: int = 0  # float16 steps whose gradients overflowed: the scaler skipped them
 
 
 def _count_tokens(batch: dict) -> int:
@@ -139,7 +141,8 @@ def _checkpoint_paths(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, scheduler, result: "TrainResult") -> Path:
+def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, scheduler, result: "TrainResult",
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
     """Trainable weights (safetensors) + optimizer, scheduler, RNG states and step, written
     into a temporary folder and renamed, so a kill at any moment leaves whole checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,9 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
         # Dropout on a GPU draws from the device's own generator: without it a resumed run diverges.
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "mps_rng": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
-        "losses": result.losses, "tokens": result.tokens,
+        "losses": result.losses, "tokens": result.tokens, "skipped_steps": result.skipped_steps,
+        # float16's loss scale, grown and cut by the run so far: a resumed run continues from it.
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
     }
     torch.save(state, staging / "state.pt")
     for f in staging.iterdir():
@@ -165,7 +170,8 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
     return final
 
 
-def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult") -> int:
+def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult",
+                        scaler: torch.amp.GradScaler | None = None) -> int:
     params = trainable_parameters(model)
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
@@ -185,6 +191,9 @@ def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, resu
     if state.get("mps_rng") is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps_rng"])
     result.losses, result.tokens = list(state["losses"]), int(state["tokens"])
+    result.skipped_steps = int(state.get("skipped_steps", 0))
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
 
 
@@ -247,8 +256,13 @@ def _label_count(batch: dict) -> int:
     return int(_scored(batch["labels"]).sum())
 
 
-def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict]) -> float:
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], precision: Precision | None = None,
+                         scaler: torch.amp.GradScaler | None = None) -> float:
     """Forward and backward over one optimizer step's micro-batches; return the step's loss.
+
+    Each micro-batch is moved to the model's device and run under ``precision``'s autocast
+    (default: the model's own, ``Precision.of``); with a float16 ``scaler`` the backward is
+    of the scaled loss (the gradients are unscaled before they are clipped).
 
     The model's loss for a micro-batch is the mean over its n_i label tokens. Weighting it by
     n_i / N, with N = sum of n_i over the step, makes the step's loss (and gradient) the mean
@@ -258,17 +272,20 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict]) 
     A micro-batch with no label token adds nothing and is not run (its mean would be 0/0).
     Raises ``_NonFiniteLoss`` before the backward of a non-finite loss.
     """
+    precision = precision or Precision.of(model)
     counts = [_label_count(batch) for batch in micro_batches]
     total = sum(counts)
     step_loss = 0.0
     for index, (batch, count) in enumerate(zip(micro_batches, counts)):
         if count == 0:
             continue
-        loss = model(**batch).loss
+        with precision.autocast():
+            loss = model(**precision.move(batch)).loss
         value = loss.item()
         if not math.isfinite(value):
             raise _NonFiniteLoss(index, value)
-        (loss * (count / total)).backward()
+        weighted = loss * (count / total)
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
         step_loss += value * count / total
     return step_loss
 
@@ -323,6 +340,11 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     style (``default_parameter_groups``; ``lora_plus_ratio=1`` turns that off); an explicit
     ``lr`` trains every parameter at that one rate.
 
+    The model trains where it is, in the precision its base is stored in (``precision.py``):
+    each batch is moved to its device, a bfloat16 or float16 base computes under autocast,
+    and a float16 one trains with a gradient scaler, which skips a step whose gradients
+    overflowed (counted in ``skipped_steps``) instead of stopping the run.
+
     The numbers are checked as RunOptions checks them (``validate.InvalidValue``). A loss
     or a gradient that is NaN or infinite raises ``NonFiniteError`` before the optimizer
     applies it: the model keeps the weights of the step before, the checkpoints on disk stay,
@@ -351,11 +373,14 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
         kind = group.get("kind", "params")
         result.rates[kind] = max(result.rates.get(kind, 0.0), group["initial_lr"])
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    precision = Precision.of(model)
+    scaler = precision.grad_scaler()
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
-        first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result)
+        first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result,
+                                         scaler)
     if preflight is not None:
-        preflight(model, optimizer, _micro_batch(batches, first_step * grad_accum))
+        preflight(model, optimizer, precision.move(_micro_batch(batches, first_step * grad_accum)))
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     owners = _gradient_owners(model)
     lora_plus = "lora_B" in result.rates
@@ -366,25 +391,36 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     for step in bar:
         micro_batches = [_micro_batch(batches, step * grad_accum + micro) for micro in range(grad_accum)]
         try:
-            step_loss = accumulate_gradients(model, micro_batches)
+            step_loss = accumulate_gradients(model, micro_batches, precision, scaler)
         except _NonFiniteLoss as e:
             optimizer.zero_grad(set_to_none=True)
             raise _stop(f"the loss of micro-batch {e.index + 1} of {grad_accum} is {e.value}", step + 1,
                         "loss", checkpoints, lora_plus) from None
         result.tokens += sum(_count_tokens(batch) for batch in micro_batches)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # true gradients, for the norm and the clip
         total_norm, bad = _gradient_norm(stepped)
-        if bad:
+        if bad and scaler is None:
             optimizer.zero_grad(set_to_none=True)
             named = [owners.get(id(p), ("a parameter outside the adapters", "?")) for p in bad]
             groups_hit = sorted({group for group, _ in named})
             raise _stop(f"the gradient of {', '.join(groups_hit)} is not finite ({len(bad)} tensor(s), "
                         f"first {named[0][1]})", step + 1, ", ".join(groups_hit), checkpoints, lora_plus)
-        if max_grad_norm:
+        if max_grad_norm and not bad:
             torch.nn.utils.clip_grads_with_norm_(stepped, max_grad_norm, total_norm)
-        grad_norm = float(total_norm)  # before clipping
-        optimizer.step()
-        scheduler.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            # float16 that overflowed at this loss scale is no error: the scaler skips the
+            # step (the weights stay) and halves the scale for the next one.
+            scaler.step(optimizer)
+            scaler.update()
+        if bad:
+            result.skipped_steps += 1
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(total_norm)  # before clipping
         result.losses.append(step_loss)
         elapsed = time.perf_counter() - start
         # The method's rate at this point of the schedule (LoRA+ groups run at multiples of it).
@@ -394,9 +430,9 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
                         tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
         if on_step is not None:
             on_step({"step": step + 1, "loss": step_loss, "lr": current_lr, "grad_norm": grad_norm,
-                     "tokens": result.tokens, "seconds": elapsed})
+                     "tokens": result.tokens, "seconds": elapsed, **({"skipped": True} if bad else {})})
         if checkpoints is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result)
+            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
@@ -417,6 +453,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], progress: bool = F
     nothing (a batch of only such examples is skipped rather than giving a NaN loss).
     ``progress`` shows a bar (a held-out file of thousands of rows takes minutes on a CPU)."""
     loss_sum, loss_count, correct, total = 0.0, 0, 0, 0
+    precision = Precision.of(model)
     was_training = model.training
     model.eval()
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -425,7 +462,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], progress: bool = F
         n = int(counted.sum())
         if n == 0:  # the model's mean loss over no tokens is NaN (0 / 0)
             continue
-        out = model(**batch)
+        with precision.autocast():
+            out = model(**precision.move(batch))
+        labels, counted = labels.to(out.logits.device), counted.to(out.logits.device)
         if labels.dim() == 1:
             correct += int(((out.logits.argmax(-1) == labels) & counted).sum())
         else:

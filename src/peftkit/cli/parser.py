@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip each step's gradient to this total norm (default 1.0; 0: no clipping)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
+    hardware = train.add_argument_group("device and precision")
+    hardware.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    hardware.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                          help="the frozen base's dtype (auto: bfloat16 on a GPU that has it, else float32); "
+                               "a half dtype trains under autocast, float16 with a gradient scaler")
+    hardware.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16", "base"],
+                          help="adapter weights on a half-precision base (default float32; base: the base's dtype)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")
     lora = train.add_argument_group("LoRA (--method lora)")

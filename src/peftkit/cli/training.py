@@ -128,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..data import DataError, read_jsonl
     from ..formats.adapter_folder import AdapterFileError
     from ..loading import ModelLoadError, load_model
+    from ..precision import PrecisionError
     from ..runs import RunFolderError, RunOptions, run_training
     from ..train import NonFiniteError
     from ..validate import InvalidValue
@@ -138,15 +139,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                              grad_accum=args.grad_accum, eval_fraction=args.eval_fraction, seed=args.seed,
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
                              warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
-                             eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, **given)
+                             eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                             device=args.device, dtype=args.dtype, adapter_dtype=args.adapter_dtype, **given)
+        precision = options.precision()  # no GPU for --device cuda: refused before the model is read
     except InvalidValue as e:  # each RunOptions field is set by the option of its name
         option = "max-steps" if e.field == "steps" else e.field.replace("_", "-")
         return _fail(f"{e} (set by --{option})")
+    except PrecisionError as e:
+        return _fail(str(e))
     try:
         fmt, records = read_jsonl(args.data)
         task = "classification" if fmt == "classification" else "causal-lm"
         num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
-        loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress)
+        loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress,
+                            dtype=precision.dtype)
         config = _method_config(args, loaded.tokenizer)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress, preflight=_doctor_preflight)
@@ -167,6 +173,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                  + (f" ({summary.dropped} left out: no label to learn from)" if summary.dropped else "")),
         ("steps", f"{summary.steps} at lr {summary.learning_rate:.2g}" + _rate_split(summary.rates)
                   + (f" (resumed at step {summary.resumed_from})" if summary.resumed_from else "")),
+        ("device", f"{summary.device}, base in {summary.dtype}"
+                   + (f" ({summary.skipped_steps} float16 step(s) skipped by the gradient scaler)"
+                      if summary.skipped_steps else "")),
         ("time", f"{summary.seconds:.1f} s, {summary.tokens / max(summary.seconds, 1e-9):,.0f} tokens/s"),
         ("train loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
     ]

@@ -81,19 +81,34 @@ class LoraView:
         return F.linear(x, self.module.weight, bias if isinstance(bias, Tensor) and bias.dim() == 1 else None)
 
     def lora_term(self, module: nn.Module, pair: LoraPair, x: Tensor) -> Tensor:
-        """s · B A x of ``pair`` (s = the pair's scaling), from ``module``'s tensors."""
+        """s · B A x of ``pair`` (s = the pair's scaling), from ``module``'s tensors, in float32
+        at least (float32 factors on a bfloat16 layer are common: the formula is the reference)."""
         a, b, bias = self.matrices(module, pair)
+        wide = torch.promote_types(a.dtype, torch.float32)
+        a, b = a.to(wide), b.to(wide)
+        bias = None if bias is None else bias.to(wide)
         if self.kind == "embedding":
             term = F.embedding(x, a.t()) @ b.t()
         else:
-            term = x @ a.t() @ b.t()
+            term = x.to(wide) @ a.t() @ b.t()
         if bias is not None:
             term = term + bias
         return term * pair.scaling
 
+    def base_weight(self) -> Tensor:
+        """W, the wrapped layer's weight."""
+        return (self.module.get_submodule(self.base_name) if self.base_name else self.module).weight
+
+    def compute_dtype(self) -> torch.dtype:
+        """The coarser of W's and A's dtypes: what the layer's output is rounded to."""
+        a = self.module.get_parameter(self.pairs[0].a_name).dtype
+        w = self.base_weight().dtype
+        return w if torch.finfo(w).eps > torch.finfo(a).eps else a
+
     def probe_input(self, generator: torch.Generator) -> Tensor:
-        """5 random ids for an embedding, else 3 random rows (3, in)."""
-        weight = self.module.get_parameter(self.pairs[0].a_name)
+        """5 random ids for an embedding, else 3 random rows (3, in) in W's dtype (the layer's
+        input in the model)."""
+        weight = self.base_weight()
         if self.kind == "embedding":
             return torch.randint(0, self.in_features, (5,), generator=generator).to(weight.device)
         return torch.randn(3, self.in_features, generator=generator).to(weight.device, weight.dtype)

@@ -53,8 +53,11 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """up(dropout(act(down(h)))), the adapter's contribution alone."""
-        return self.up(self.dropout(self.act(self.down(h))))
+        """up(dropout(act(down(h)))), the adapter's contribution alone, in h's dtype. A float32
+        adapter on a bfloat16 model computes in float32 (autocast, when on, casts the two
+        matmuls to its dtype anyway) and hands back h's dtype, so the model stays in its own."""
+        inner = self.down.weight.dtype
+        return self.up(self.dropout(self.act(self.down(h.to(inner))))).to(h.dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)

@@ -335,5 +335,7 @@ class LoraEmbedding(LoraLayer):
         for name in self.active_adapters:
             after_a = F.embedding(ids, self.lora_embedding_A[name].t(), base.padding_idx,
                                   base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            y = y + (after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]
+            # In the table's dtype: float32 factors on a bfloat16 table must not turn every
+            # later activation into float32.
+            y = y + ((after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(y.dtype)
         return y

@@ -35,7 +35,7 @@ def check_m3(ctx: Context) -> list[Finding]:
             unverifiable.append(view.path)
             continue
         error = attempt(ctx, f"M3 at {view.path}", lambda: _formula_error(view, pairs, ctx.inv, generator))
-        if error is not None and error > tolerance(view.module.get_parameter(pairs[0].a_name).dtype) * 10:
+        if error is not None and error > tolerance(view.compute_dtype()) * 10:
             wrong.append((view, error))
     findings = _misscaled(ctx.inv)
     if wrong:
