@@ -46,11 +46,11 @@ def import_peftkit():
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
-    import resource
+    """Peak resident set size of this process so far, in MB (``peftkit.peak_memory``: VmHWM,
+    which, unlike ru_maxrss, is not inherited from the process that started this one)."""
+    from peftkit.peak_memory import peak_rss_mb as peak
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024.0
+    return peak()
 
 
 def library_version(case: str) -> str | None:

@@ -14,6 +14,7 @@ from .doctor import DoctorReport, Finding, doctor
 from .formats.adapter_folder import AdapterFileError
 from .methods.lora import LoraEmbedding, LoraFunction, LoraLinear
 from .model import PeftModel, attach, load
+from .checkpointing import enable_gradient_checkpointing, gradient_checkpointing_enabled
 from .registry import config_from_dict
 
 __version__ = "0.1.0"
@@ -33,5 +34,7 @@ __all__ = [
     "attach",
     "config_from_dict",
     "doctor",
+    "enable_gradient_checkpointing",
+    "gradient_checkpointing_enabled",
     "load",
 ]

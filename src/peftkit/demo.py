@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import resource
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from .specs.lora import LoraConfig
 from .specs.prefix import PrefixConfig
 from .specs.prompt import PromptConfig
 from . import validate
+from .peak_memory import peak_rss_mb
 from .data import EpochBatches, batches, build_dataset, read_jsonl, split
 from .loading import LoadedModel, load_model, save_model_folder
 from .model import attach, load
@@ -113,7 +113,7 @@ def run_case(index: int, model: str, data: Path, task_a: Path | None, steps: int
             save_file({"logits": model_under_training(**_probe(loaded, data, seed)).logits}, str(out_dir / PROBE_FILE))
     return {
         "name": name, "trainable": trainable, "total": total, "seconds": result.seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "b_accuracy": after["accuracy"], "b_loss": after["loss"], "a_accuracy": forgetting,
         "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), "folder": str(folder),
         "lr": lr,

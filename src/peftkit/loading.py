@@ -151,18 +151,25 @@ def weights_file(folder: Path) -> Path:
 
 
 def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | None = None,
-               progress: bool = True, dtype: torch.dtype | None = None) -> LoadedModel:
+               progress: bool = True, dtype: torch.dtype | None = None, quantize: str | None = None) -> LoadedModel:
     """Load ``path`` (see the module docstring) for ``task``, on the CPU; with ``dtype``, its
     floating-point weights are stored in it (a transformers folder is read straight into it,
-    so a 1B model never costs its float32 4 GB)."""
-    loaded = _load(path, task, num_labels, progress, dtype)
+    so a 1B model never costs its float32 4 GB); with ``quantize="nf4"``, its linear layers
+    are then made 4-bit (``quantize.quantize_base``), the missing library refused first."""
+    if quantize is not None:
+        from .quantize import check_scheme
+        check_scheme(quantize)
+    loaded = _load(path, task, num_labels, progress, dtype, quantize)
     if dtype is not None:
         place(loaded.model, torch.device("cpu"), dtype)
+    if quantize is not None:
+        from .quantize import quantize_base
+        quantize_base(loaded.model, quantize)
     return loaded
 
 
 def _load(path: str | Path, task: str, num_labels: int | None, progress: bool,
-          dtype: torch.dtype | None) -> LoadedModel:
+          dtype: torch.dtype | None, quantize: str | None) -> LoadedModel:
     if str(path) == REFERENCE:
         path = reference_base(progress)
     folder = Path(path)
@@ -171,7 +178,7 @@ def _load(path: str | Path, task: str, num_labels: int | None, progress: bool,
                              "or a .gguf file.")
     gguf_file = gguf_file_in(folder)
     if gguf_file is not None:
-        return _load_gguf(gguf_file, task, num_labels)
+        return _load_gguf(gguf_file, task, num_labels, dtype, quantize)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is a file but not a .gguf file; pass the folder that holds "
                              "config.json and the weights, or a .gguf file.")
@@ -275,21 +282,34 @@ def _check_gguf(path: Path) -> GgufHeader:
     return header
 
 
-def _load_gguf(path: Path, task: str, num_labels: int | None) -> LoadedModel:
-    """Dequantize a GGUF file into a float32 transformers model, tokenizer from the same file."""
+def _load_gguf(path: Path, task: str, num_labels: int | None, dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> LoadedModel:
+    """Dequantize a GGUF file into a transformers model, tokenizer from the same file: with
+    ``quantize``, tensor by tensor straight into NF4 (``gguf_loading``), else through
+    transformers' loader into float32."""
     _check_gguf(path)
     import transformers
+
+    from .gguf_loading import StreamingUnsupported, load_gguf_quantized
 
     auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
     kwargs: dict[str, Any] = {"local_files_only": True, "gguf_file": path.name}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        model = auto.from_pretrained(path.parent, **kwargs)
+        model = None
+        if quantize is not None:
+            labels = {} if num_labels is None else {"num_labels": num_labels}
+            try:
+                model = load_gguf_quantized(path, auto, dtype or torch.float32, quantize, **labels)
+            except StreamingUnsupported:
+                model = None  # transformers' whole-file loader, then quantized by load_model
+        if model is None:
+            model = auto.from_pretrained(path.parent, **kwargs)
+            _forget_gguf_quantization(model)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: transformers could not build a {task} model from this GGUF ({e}).") from e
-    _forget_gguf_quantization(model)
     # The file, not its folder: an adapter trained on it records the file, and loads back on
     # it (merge, generate) without a "trained on another base model" warning.
     model.config.name_or_path = str(path)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, registry, sites, targets, virtual_tokens
+from . import adapter_files, integrations, quantize, registry, sites, targets, virtual_tokens
 from .config import PeftConfig
 from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraLayer
@@ -292,6 +292,10 @@ class PeftModel(nn.Module):
     def merge(self) -> None:
         """Fold the active LoRA adapters into the base weights (W ← W + s·B A)."""
         self._refuse_bottleneck_merge()
+        if any(isinstance(m, LoraLayer) and quantize.is_quantized(m.base_layer) for m in self._all_adapter_modules()):
+            # Adding s·B A to 4-bit codes would round it away; the merge goes into Ŵ made plain.
+            raise RuntimeError("the LoRA layers' base is quantized (NF4), so the update cannot be folded into it in "
+                               "place: use merge_and_unload(dtype=...), which merges into the dequantized weights.")
         if self._lora_layers_merged():
             warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=2)
             return
@@ -330,8 +334,14 @@ class PeftModel(nn.Module):
         for layer in self._lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain model, with no peftkit module left."""
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge the active adapters and return the plain model, with no peftkit module left.
+
+        A quantized (NF4) base layer is first made a plain linear holding its dequantized
+        weight Ŵ in ``dtype`` (default: the dtype it was quantized from), then merged: the
+        result is the model that was trained, Ŵ + s · B A, never the weights before
+        quantization. A warning gives the largest rounding error of the merged weights against
+        Ŵ + s · B A computed in float32."""
         self._refuse_bottleneck_merge()
         if self._active_input_adapter() is not None:
             raise TypeError(
@@ -339,8 +349,22 @@ class PeftModel(nn.Module):
                 "than changing a weight, so the plain model cannot carry it. Keep the PeftModel for "
                 "inference (merge() still folds any LoRA), or use unload() to drop it."
             )
+        on_quantized = [m for m in self._all_adapter_modules()
+                        if isinstance(m, LoraLayer) and quantize.is_quantized(m.base_layer)]
+        exact = {id(layer): layer.base_layer.weight.float()
+                 + sum(layer.delta_weight(n).float() for n in layer.active_adapters) for layer in on_quantized}
+        for layer in on_quantized:
+            layer.base_layer = layer.base_layer.to_linear(dtype)
         if not self._lora_layers_merged():
             self.merge()
+        if on_quantized:
+            worst = max(float((layer.base_layer.weight.float() - exact[id(layer)]).abs().max()
+                              / exact[id(layer)].abs().max().clamp_min(1e-12)) for layer in on_quantized)
+            stored = str(on_quantized[0].base_layer.weight.dtype).removeprefix("torch.")
+            warnings.warn(f"merged {len(on_quantized)} LoRA layer(s) into their NF4 base dequantized to {stored}: "
+                          f"the merged weights are within {worst:.1e} (relative to the largest) of Ŵ + s·B A in "
+                          "float32, Ŵ being the 4-bit base the adapter was trained on, not the original weights.",
+                          stacklevel=2)
         return self._unwrap_all(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:

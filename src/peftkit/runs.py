@@ -17,12 +17,15 @@ from typing import IO
 
 import torch
 
+from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
 from .formats import atomic
 from .model import PeftModel
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
-from .validate import InvalidValue, number, one_of, positive_int
+from .validate import InvalidValue, flag, number, one_of, positive_int
+
+QUANTIZE_SCHEMES = ("nf4",)
 
 
 # -- a whole run: what `peftkit train` does ------------------------------------------------
@@ -55,6 +58,8 @@ class RunOptions:
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # the frozen base's: auto (bfloat16 on a GPU that has it, else float32) or a name
     adapter_dtype: str = "float32"  # adapter weights on a half-precision base; "base": the base's dtype
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1 more forward
+    quantize: str | None = None  # "nf4": the frozen base's linear weights in 4 bits (QLoRA)
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -82,6 +87,8 @@ class RunOptions:
             raise InvalidValue(owner, "device", f"a device name ({DEVICES})", self.device)
         one_of(owner, "dtype", self.dtype, ("auto", *DTYPES))
         one_of(owner, "adapter_dtype", self.adapter_dtype, ("base", *DTYPES))
+        flag(owner, "gradient_checkpointing", self.gradient_checkpointing)
+        one_of(owner, "quantize", self.quantize, (None, *QUANTIZE_SCHEMES))
 
     def precision(self) -> Precision:
         """The device and the base's dtype, checked against this machine (``PrecisionError``)."""
@@ -325,7 +332,12 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
                 "options": {**dataclasses.asdict(options), "steps": steps}}
     with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
         place(loaded.model, precision.device, precision.dtype)
+        if options.quantize is not None:
+            from .quantize import quantize_base
+            quantize_base(loaded.model, options.quantize)  # a base loaded quantized stays as it is
         pm = attach(loaded.model, config, adapter_dtype=options.adapter_torch_dtype())
+        if options.gradient_checkpointing:
+            enable_gradient_checkpointing(pm)
         trainable, total = pm.parameter_counts()
         eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
         checkpoints = out_dir / CHECKPOINTS

@@ -30,6 +30,7 @@ from . import integrations
 from .config import TargetSpec
 from .methods.base import AdapterModule
 from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
+from .quantize import Nf4Linear
 
 # LoRA paper (Hu et al. 2021, sec. 7.1): adapting W_q and W_v gives the best result for a
 # fixed parameter budget; PEFT's per-architecture defaults follow the same choice.
@@ -80,9 +81,11 @@ _CONV1D = LayerType("conv1d", functools.partial(LoraLinear, fan_in_fan_out=True)
 def lora_layer_types() -> dict[type, LayerType]:
     """Module type -> LayerType, for exactly these types (a subclass may compute anything).
     transformers' GPT-2 ``Conv1D`` stores its weight (in, out), so its wrapper is told so;
-    it is looked up each time, as it exists only once transformers is loaded."""
+    it is looked up each time, as it exists only once transformers is loaded. A 4-bit base
+    layer (``quantize.Nf4Linear``, weight (out, in) once dequantized) is a linear one."""
     conv1d = integrations.conv1d_type()
-    return {nn.Linear: _LINEAR, nn.Embedding: _EMBEDDING, **({conv1d: _CONV1D} if conv1d is not None else {})}
+    return {nn.Linear: _LINEAR, Nf4Linear: _LINEAR, nn.Embedding: _EMBEDDING,
+            **({conv1d: _CONV1D} if conv1d is not None else {})}
 
 
 @dataclass(frozen=True)

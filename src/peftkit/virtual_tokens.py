@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import generation, integrations, masks
+from . import checkpointing, generation, integrations, masks
 from .methods.prefix import PrefixEncoder
 from .methods.prompt import PromptEncoder
 
@@ -93,7 +93,10 @@ def prefix_forward(model: nn.Module, encoder: PrefixEncoder, name: str, input_id
     prefix = encoder(name, batch, dtype if inputs_embeds is None else inputs_embeds.dtype)
     n = encoder.num_virtual_tokens(name)
     if cache is None:
-        cache = integrations.prefix_cache(model, prefix)
+        # Under checkpointed training a read-only cache, which transformers lets a layer keep.
+        cache = checkpointing.prefix_cache(model, prefix)
+        if cache is None:
+            cache = integrations.prefix_cache(model, prefix)
     if attention_mask is None:
         attention_mask = masks.full_mask(batch, integrations.cache_length(cache) - n + length,
                                          prefix[0][0].device)
@@ -101,8 +104,9 @@ def prefix_forward(model: nn.Module, encoder: PrefixEncoder, name: str, input_id
     position_ids = (masks.position_ids(attention_mask, length) if position_ids is None
                     else masks.shift_position_ids(position_ids, n))
     kwargs[integrations.cache_argument(model)] = cache
-    return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                 position_ids=position_ids, **kwargs)
+    with checkpointing.keeping_prefix(model, cache):
+        return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                     position_ids=position_ids, **kwargs)
 
 
 

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "a half dtype trains under autocast, float16 with a gradient scaler")
     hardware.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16", "base"],
                           help="adapter weights on a half-precision base (default float32; base: the base's dtype)")
+    hardware.add_argument("--gradient-checkpointing", action="store_true",
+                          help="recompute each block's activations in backward: far less memory, ~30%% more time")
+    hardware.add_argument("--quantize", choices=["nf4"],
+                          help="keep the frozen base's linear weights in 4-bit NF4 (QLoRA); needs torchao")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")
     lora = train.add_argument_group("LoRA (--method lora)")

@@ -129,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..formats.adapter_folder import AdapterFileError
     from ..loading import ModelLoadError, load_model
     from ..precision import PrecisionError
+    from ..quantize import QuantizeError, check_scheme
     from ..runs import RunFolderError, RunOptions, run_training
     from ..train import NonFiniteError
     from ..validate import InvalidValue
@@ -140,19 +141,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                              max_length=args.max_length, checkpoint_every=args.checkpoint_every,
                              warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
                              eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                             device=args.device, dtype=args.dtype, adapter_dtype=args.adapter_dtype, **given)
+                             device=args.device, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
+                             gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize, **given)
         precision = options.precision()  # no GPU for --device cuda: refused before the model is read
+        if options.quantize is not None:
+            check_scheme(options.quantize)  # bitsandbytes missing: refused before the model is read
     except InvalidValue as e:  # each RunOptions field is set by the option of its name
         option = "max-steps" if e.field == "steps" else e.field.replace("_", "-")
         return _fail(f"{e} (set by --{option})")
-    except PrecisionError as e:
+    except (PrecisionError, QuantizeError) as e:
         return _fail(str(e))
     try:
         fmt, records = read_jsonl(args.data)
         task = "classification" if fmt == "classification" else "causal-lm"
         num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
         loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress,
-                            dtype=precision.dtype)
+                            dtype=precision.dtype, quantize=options.quantize)
         config = _method_config(args, loaded.tokenizer)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress, preflight=_doctor_preflight)

@@ -141,6 +141,10 @@ class LoraLayer(AdapterModule):
 
     def _fold(self, names: list[str], sign: float) -> None:
         """W ← W + sign · s · B A for each adapter in ``names`` (and its bias change, if any)."""
+        if getattr(self.base_layer, "quantized", False):
+            # Adding s·B A to 4-bit codes would round it away; the merge goes into Ŵ made plain.
+            raise RuntimeError("this LoRA layer's base is quantized (NF4): merge with PeftModel.merge_and_unload(dtype=...), "
+                               "which merges into the dequantized weights.")
         with torch.no_grad():
             for name in names:
                 self.base_layer.weight.add_(self.delta_weight(name), alpha=sign)
@@ -261,6 +265,8 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._lora_active():
             return self.base_layer(x)
+        if getattr(self.base_layer, "quantized", False):
+            return self._forward_on_quantized(x)
         if self.base_layer.weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 "the base weight of a LoRA layer requires grad (mistake M1: base weights left "
@@ -275,6 +281,17 @@ class LoraLinear(LoraLayer):
         y = self._apply(x, first, self._weight_io(), bias)
         for name in others:
             y = y + self._apply(x, name, None, None)
+        return y
+
+    def _forward_on_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """A quantized base (``quantize.Nf4Linear``) computes W x + b itself, dequantizing
+        inside its own matmul and keeping only the 4-bit weight for backward; each adapter adds
+        s · B A x (and its bias change) through ``LoraFunction`` without a base weight."""
+        y = self.base_layer(x)
+        for name in self.active_adapters:
+            y = y + self._apply(x, name, None, None).to(y.dtype)
+            if name in self.lora_bias:
+                y = y + self.lora_bias[name].to(y.dtype)
         return y
 
     def _apply(self, x, name, weight_io, bias):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .. import generation, masks
@@ -178,6 +179,10 @@ class ReferenceDecoder(nn.Module):
 
     ``lm_head.weight`` is the same Parameter as ``embed_tokens.weight`` when
     ``config.tie_word_embeddings``.
+
+    With ``gradient_checkpointing`` set (``peftkit.enable_gradient_checkpointing`` sets
+    it), a training forward with grad enabled keeps only each block's inputs and recomputes
+    the block in backward; see ``peftkit.checkpointing``.
     """
 
     peft_default_targets: ClassVar[Tuple[str, ...]] = ("q", "v")
@@ -193,6 +198,7 @@ class ReferenceDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -269,9 +275,18 @@ class ReferenceDecoder(nn.Module):
         hidden = inputs_embeds + self.embed_positions(position_ids)
         allowed = self._allowed_keys(attention_mask, batch, seq, past_length, device)
         presents = []
+        # Only a training forward that will be differentiated gains from recomputing.
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             past = past_key_values[index] if past_key_values is not None else None
-            hidden, present = layer(hidden, allowed, past)
+            if checkpointed:
+                # Non-reentrant: gradients reach the adapters inside the block even when
+                # ``hidden`` needs none (frozen embeddings), and a prefix handed in as
+                # ``past`` gets its gradient as well.
+                hidden, present = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, allowed, past, use_reentrant=False)
+            else:
+                hidden, present = layer(hidden, allowed, past)
             presents.append(present)
         logits = self.lm_head(self.norm(hidden))
 

@@ -4,9 +4,11 @@ weights and adapter parameters without one (M12)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..probe import ROWS, Context, call, lm_inputs, scalar_loss, training_mode
@@ -62,7 +64,11 @@ def check_m12(ctx: Context) -> list[Finding]:
         for param in params:
             param.grad = None
         with training_mode(ctx.model), torch.enable_grad():
-            scalar_loss(call(ctx.model, batch)).backward()
+            loss = scalar_loss(call(ctx.model, batch))
+            # A loss that needs no grad is the finding itself (reentrant checkpointing on
+            # frozen inputs cuts every path), not a probe that failed.
+            if loss.requires_grad:
+                loss.backward()
         received = [p for p in params if p.grad is not None]
     except Exception as e:
         ctx.notes.append(f"M12 not probed: forward + backward on the batch failed ({type(e).__name__}: {e}).")
@@ -116,13 +122,57 @@ def _gradient_findings(ctx: Context, params: list[nn.Parameter], received: list[
             "them to the optimizer if they are meant to train."))
     missing = [p for p in params if p.requires_grad and inv.is_adapter(p) and id(p) not in got]
     if missing:
-        findings.append(Finding(
-            "M12", "error", listing(inv.name(p) for p in missing),
-            f"trainable adapter parameters got no gradient from a backward on the batch "
-            f"({many(len(missing), 'parameter')}, e.g. {inv.name(missing[0])}): they never train. The usual "
-            "causes are gradient checkpointing with use_reentrant=True on inputs that do not require grad, "
-            "a detach() or no_grad() in the forward, "
-            "or an adapter that is not active.",
-            "with gradient checkpointing, use use_reentrant=False or call model.enable_input_require_grads(); "
-            "remove detach()/no_grad() from the adapter path; make sure the adapter is active."))
+        findings.append(_missing_gradients(ctx, missing))
     return findings
+
+
+def _missing_gradients(ctx: Context, missing: list[nn.Parameter]) -> Finding:
+    inv = ctx.inv
+    where = listing(inv.name(p) for p in missing)
+    what = f"{many(len(missing), 'parameter')}, e.g. {inv.name(missing[0])}"
+    reentrant = _reentrant_checkpointing(ctx.model)
+    # The classic case named outright: with the input hook on, the inputs do need grad and
+    # reentrant mode is not what starves the adapters, so the general causes follow.
+    if reentrant and not _input_grad_hooks(ctx.model):
+        return Finding(
+            "M12", "error", where,
+            f"gradient checkpointing is on in reentrant mode (use_reentrant=True: {listing(reentrant, 2)}) and "
+            "the inputs need no grad (the embeddings are frozen), so no gradient reaches the adapters inside "
+            f"the checkpointed blocks ({what}): they never train.",
+            "use use_reentrant=False (peftkit.enable_gradient_checkpointing does; with transformers, "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})) "
+            "or call model.enable_input_require_grads().")
+    return Finding(
+        "M12", "error", where,
+        f"trainable adapter parameters got no gradient from a backward on the batch ({what}): they never "
+        "train. The usual causes are gradient checkpointing with use_reentrant=True on inputs that do not "
+        "require grad, a detach() or no_grad() in the forward, or an adapter that is not active.",
+        "with gradient checkpointing, use use_reentrant=False or call model.enable_input_require_grads(); "
+        "remove detach()/no_grad() from the adapter path; make sure the adapter is active.")
+
+
+def _reentrant_checkpointing(model: nn.Module) -> list[str]:
+    """Paths of the modules checkpointed in reentrant mode the way transformers records
+    it: ``gradient_checkpointing`` on, and ``_gradient_checkpointing_func`` a
+    ``functools.partial`` of a checkpoint function with its keywords (or the bare
+    ``torch.utils.checkpoint.checkpoint``). torch's default when ``use_reentrant`` is
+    not given is True."""
+    paths = []
+    for path, module in model.named_modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is not True or func is None:
+            continue
+        if isinstance(func, functools.partial):
+            reentrant = func.keywords.get("use_reentrant", True)
+        else:
+            reentrant = func is torch.utils.checkpoint.checkpoint
+        if reentrant:
+            paths.append(path)
+    return paths
+
+
+def _input_grad_hooks(model: nn.Module) -> bool:
+    """True when transformers' ``enable_input_require_grads`` hook is on some module
+    (``_require_grads_hooks`` in transformers 5, ``_require_grads_hook`` before)."""
+    return any(getattr(m, "_require_grads_hooks", None) or getattr(m, "_require_grads_hook", None)
+               for m in model.modules())
