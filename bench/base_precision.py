@@ -6,9 +6,9 @@ Each case runs in its own fresh Python process (peak RSS, ``ru_maxrss``, belongs
 alone): load the GGUF through ``peftkit.loading.load_model`` with the case's dtype and
 quantization, attach LoRA r=8 on every linear layer of the blocks, then ``--steps`` AdamW
 steps at lr 1e-3 through ``peftkit.train.train`` on the same fixed batch of real text
-(``--batch`` rows of ``--tokens`` tokens). Reported per case: RSS after loading, peak RSS,
-the peak minus the RSS after loading (what the steps themselves added), the loss of the
-first and the last step, and seconds per step (this VM drifts ±30% between processes, and
+(``--batch`` rows of ``--tokens`` tokens). Reported per case: the peak RSS while loading
+(VmHWM), the RSS once loaded (VmRSS), the peak RSS while attaching and training (VmHWM
+started again from the loaded RSS), the loss of the first and the last step, and seconds per step (this VM drifts ±30% between processes, and
 bfloat16 matmuls are slow on its CPU, so the time is a rough guide, not a ratio to publish).
 
     python -m bench.base_precision            # writes bench/results/base_precision.{json,md}
@@ -43,6 +43,18 @@ def _rss_mb() -> float:
     return peak_rss_mb()
 
 
+def _current_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux: "5" to clear_refs), so that the peak
+    of the steps is measured apart from the loader's."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def gguf_path() -> Path:
     import importlib.util
 
@@ -61,7 +73,8 @@ def run_case(name: str, steps: int, batch: int, tokens: int) -> dict:
     case = CASES[name]
     torch.manual_seed(0)
     loaded = load_model(gguf_path(), progress=False, dtype=DTYPES[case["dtype"]], quantize=case.get("quantize"))
-    after_load = _rss_mb()
+    load_peak, after_load = _rss_mb(), _current_mb()
+    _reset_peak()
     pm = peftkit.attach(loaded.model, peftkit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     if case.get("checkpointing"):
         peftkit.enable_gradient_checkpointing(pm)
@@ -71,8 +84,8 @@ def run_case(name: str, steps: int, batch: int, tokens: int) -> dict:
                    max_grad_norm=1.0, progress=False)
     seconds = (time.perf_counter() - start) / steps
     peak = _rss_mb()
-    return {"case": name, **case, "rss_after_load_mb": round(after_load), "peak_rss_mb": round(peak),
-            "steps_added_mb": round(peak - after_load), "first_loss": result.losses[0],
+    return {"case": name, **case, "load_peak_mb": round(load_peak), "rss_after_load_mb": round(after_load),
+            "train_peak_mb": round(peak), "first_loss": result.losses[0],
             "last_loss": result.losses[-1], "seconds_per_step": round(seconds, 2)}
 
 
@@ -105,10 +118,10 @@ def main() -> None:
     lines = [f"# LoRA on {meta['model']}: base precision and checkpointing", "",
              f"{meta['date']}, {meta['machine']}; `{command}`; one fresh process per case; LoRA r=8 all-linear, "
              f"batch {args.batch} x {args.tokens} tokens, {args.steps} steps at lr 1e-3.", "",
-             "| case | RSS after load | peak RSS | added by the steps | loss first -> last | s/step |",
+             "| case | peak while loading | RSS after loading | peak while training | loss first -> last | s/step |",
              "|---|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['rss_after_load_mb']} MB | {r['peak_rss_mb']} MB | {r['steps_added_mb']} MB "
+        lines.append(f"| {r['case']} | {r['load_peak_mb']} MB | {r['rss_after_load_mb']} MB | {r['train_peak_mb']} MB "
                      f"| {r['first_loss']:.4f} -> {r['last_loss']:.4f} | {r['seconds_per_step']} |")
     (out / "base_precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

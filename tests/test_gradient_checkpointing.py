@@ -182,3 +182,35 @@ def test_unknown_model_is_refused_with_what_is_supported():
     with pytest.raises(TypeError, match="PreTrainedModel.*ReferenceDecoder"):
         checkpointing.enable_gradient_checkpointing(nn.Sequential(nn.Linear(4, 4)))
     assert not checkpointing.gradient_checkpointing_enabled(nn.Linear(4, 4))
+
+
+def test_peftkit_train_with_gradient_checkpointing_trains_the_same_adapter(tmp_path, monkeypatch):
+    """`--gradient-checkpointing` changes memory, not the result: the same adapter (float
+    rounding) as the run without it, from the same seed and data; and the blocks really were
+    checkpointed."""
+    import torch.utils.checkpoint
+    from helpers import reference_run_inputs
+    from safetensors.torch import load_file
+
+    from peftkit import cli
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    model, data = reference_run_inputs(tmp_path)
+    adapters = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        out = tmp_path / name
+        assert cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                         "--dropout", "0", "--no-progress", *extra]) == 0
+        adapters.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+        assert bool(calls) == (name == "checkpointed")  # the plain run checkpoints nothing
+    assert set(calls) == {False}  # non-reentrant, every time
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], rtol=1e-5, atol=1e-6)

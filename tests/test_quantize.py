@@ -157,3 +157,21 @@ def test_peftkit_train_with_an_nf4_base(tmp_path, capsys):
                      "--quantize", "nf4", "--max-steps", "2", "--no-progress"]) == 0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert "doctor note" not in capsys.readouterr().err
+
+
+def test_peftkit_merge_of_an_nf4_adapter_writes_a_plain_model_of_the_4bit_base(tmp_path, capsys):
+    from peftkit import cli
+    from peftkit.loading import load_model
+
+    model, data = reference_run_inputs(tmp_path)
+    assert cli.main(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--quantize", "nf4", "--max-steps", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    with pytest.warns(UserWarning, match="NF4 base dequantized to bfloat16"):  # a line on stderr
+        assert cli.main(["merge", "--model", str(model), "--adapter", str(tmp_path / "run" / "adapter"),
+                         "--out", str(out), "--quantize", "nf4", "--dtype", "bfloat16"]) == 0
+    assert "merged vs unmerged" in capsys.readouterr().out
+    merged = load_model(out, progress=False).model
+    assert not any(isinstance(m, Nf4Linear) for m in merged.modules())  # untargeted layers too
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}

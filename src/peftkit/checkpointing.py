@@ -64,12 +64,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         TypeError: ``model`` is none of the supported kinds.
         ValueError: a transformers model whose class does not support checkpointing.
     """
-    base = _base_model(model)
+    base = _checkpointable(model)
     if isinstance(base, ReferenceDecoder):
         base.gradient_checkpointing = True
         return
-    if not _is_pretrained_model(base):
-        raise TypeError(_unsupported(base))
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"{type(base).__name__} does not support gradient checkpointing in transformers "
@@ -89,16 +87,22 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
     """Undo ``enable_gradient_checkpointing`` (``config.use_cache`` is left as it is)."""
-    base = _base_model(model)
+    base = _checkpointable(model)
     if isinstance(base, ReferenceDecoder):
         base.gradient_checkpointing = False
         return
-    if not _is_pretrained_model(base):
-        raise TypeError(_unsupported(base))
     if hasattr(base, "activation_checkpointing_disable"):
         base.activation_checkpointing_disable()
     else:
         base.gradient_checkpointing_disable()
+
+
+def _checkpointable(model: nn.Module) -> nn.Module:
+    """The model whose blocks get checkpointed (a PeftModel's base), or TypeError."""
+    base = _base_model(model)
+    if not isinstance(base, ReferenceDecoder) and not _is_pretrained_model(base):
+        raise TypeError(_unsupported(base))
+    return base
 
 
 def gradient_checkpointing_enabled(model: nn.Module) -> bool:

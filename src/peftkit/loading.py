@@ -305,7 +305,8 @@ def _load_gguf(path: Path, task: str, num_labels: int | None, dtype: torch.dtype
             except StreamingUnsupported:
                 model = None  # transformers' whole-file loader, then quantized by load_model
         if model is None:
-            model = auto.from_pretrained(path.parent, **kwargs)
+            # With a dtype, transformers converts each tensor as it reads it: a bf16 state dict.
+            model = auto.from_pretrained(path.parent, **kwargs, **({"dtype": dtype} if dtype else {}))
             _forget_gguf_quantization(model)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as e:

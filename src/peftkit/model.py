@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, quantize, registry, sites, targets, virtual_tokens
+from . import adapter_files, integrations, precision, quantize, registry, sites, targets, virtual_tokens
 from .config import PeftConfig
 from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraLayer
@@ -335,13 +335,14 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """Merge the active adapters and return the plain model, with no peftkit module left.
+        """Merge the active adapters and return the plain model, with no peftkit module left;
+        with ``dtype``, the whole model is stored in it.
 
         A quantized (NF4) base layer is first made a plain linear holding its dequantized
         weight Ŵ in ``dtype`` (default: the dtype it was quantized from), then merged: the
         result is the model that was trained, Ŵ + s · B A, never the weights before
-        quantization. A warning gives the largest rounding error of the merged weights against
-        Ŵ + s · B A computed in float32."""
+        quantization; the 4-bit layers LoRA did not target become plain Ŵ too. A warning gives
+        the largest rounding error of the merged weights against Ŵ + s · B A in float32."""
         self._refuse_bottleneck_merge()
         if self._active_input_adapter() is not None:
             raise TypeError(
@@ -351,21 +352,26 @@ class PeftModel(nn.Module):
             )
         on_quantized = [m for m in self._all_adapter_modules()
                         if isinstance(m, LoraLayer) and quantize.is_quantized(m.base_layer)]
-        exact = {id(layer): layer.base_layer.weight.float()
-                 + sum(layer.delta_weight(n).float() for n in layer.active_adapters) for layer in on_quantized}
-        for layer in on_quantized:
-            layer.base_layer = layer.base_layer.to_linear(dtype)
+        with torch.no_grad():
+            exact = {id(layer): layer.base_layer.weight.float()
+                     + sum(layer.delta_weight(n).float() for n in layer.active_adapters) for layer in on_quantized}
+        # Every 4-bit layer is made plain, targeted or not: a saved model holds no NF4 codes.
+        for path, module in [(p, m) for p, m in self.base_model.named_modules() if quantize.is_quantized(m)]:
+            self.base_model.set_submodule(path, module.to_linear(dtype))
         if not self._lora_layers_merged():
             self.merge()
         if on_quantized:
-            worst = max(float((layer.base_layer.weight.float() - exact[id(layer)]).abs().max()
+            worst = max(float((layer.base_layer.weight.detach().float() - exact[id(layer)]).abs().max()
                               / exact[id(layer)].abs().max().clamp_min(1e-12)) for layer in on_quantized)
             stored = str(on_quantized[0].base_layer.weight.dtype).removeprefix("torch.")
             warnings.warn(f"merged {len(on_quantized)} LoRA layer(s) into their NF4 base dequantized to {stored}: "
                           f"the merged weights are within {worst:.1e} (relative to the largest) of Ŵ + s·B A in "
                           "float32, Ŵ being the 4-bit base the adapter was trained on, not the original weights.",
                           stacklevel=2)
-        return self._unwrap_all(keep_trained_copies=True)
+        model = self._unwrap_all(keep_trained_copies=True)
+        if dtype is not None:  # the whole merged model in the dtype asked for
+            precision.place(model, precision.model_device(model), dtype)
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""

@@ -43,6 +43,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .. import registry
     from ..adapter_files import adapter_tensors, read_config
     from ..loading import ModelLoadError, first_non_finite, load_model, save_model_folder
+    from ..precision import dtype_named
 
     try:
         config = read_config(args.adapter)
@@ -51,7 +52,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
             folding = [m.label for m in registry.METHODS if m.mergeable]
             return _fail(f"{args.adapter} is a {method.label} adapter; only {', '.join(folding)} folds into "
                          "the weights. Serve it with the adapter attached (peftkit.load) instead.")
-        loaded = load_model(args.model, progress=False)
+        dtype = None if args.dtype is None else dtype_named(args.dtype)
+        # Trained on NF4: the base it learned against is the 4-bit one, so that is what it merges into.
+        loaded = load_model(args.model, progress=False, quantize=args.quantize,
+                            dtype=dtype if args.quantize is None else None)
         pm = load(loaded.model, args.adapter)
         bad = first_non_finite(adapter_tensors(pm, "default").items())
         if bad is not None:  # merged, it would make every output NaN
@@ -60,7 +64,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         ids = _probe_ids(loaded)
         with torch.no_grad():
             unmerged = pm(input_ids=ids).logits
-            loaded.model = pm.merge_and_unload()
+            loaded.model = pm.merge_and_unload(dtype=dtype)
             merged = loaded.model(input_ids=ids).logits
         out = save_model_folder(loaded, args.out)
         reloaded = load_model(out, progress=False)
@@ -68,13 +72,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
             again = reloaded.model(input_ids=ids).logits
     except (AdapterFileError, ModelLoadError, ValueError) as e:
         return _fail(str(e))
-    merge_diff, reload_diff = (merged - unmerged).abs().max().item(), (again - unmerged).abs().max().item()
+    merge_diff, reload_diff = ((merged.float() - unmerged.float()).abs().max().item(),
+                               (again.float() - unmerged.float()).abs().max().item())
     print(_table([
         ("merged model", str(out)),
         ("merged vs unmerged", f"max |logit diff| = {merge_diff:.2e}"),
         ("reloaded vs unmerged", f"max |logit diff| = {reload_diff:.2e}"),
     ]))
-    tolerance = _merge_tolerance(unmerged)
+    tolerance = _merge_tolerance(unmerged, merged)
     if not max(merge_diff, reload_diff) <= tolerance:  # NaN fails too
         print(f"error: the merged model's logits differ from the adapter's by more than {tolerance:.2g}; "
               f"{out} does not compute what the adapter did. Report this, and serve the adapter unmerged "
@@ -82,12 +87,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-def _merge_tolerance(logits) -> float:
+def _merge_tolerance(logits, merged) -> float:
     """How far merged logits may drift from unmerged ones: float rounding of W + s·B A, about
-    1e-4 of the logits' scale in float32 and 3e-2 of it in 16-bit weights."""
+    1e-4 of the logits' scale in float32 and 3e-2 of it when either side is 16-bit."""
     import torch
 
-    relative = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    relative = 1e-4 if logits.dtype == merged.dtype == torch.float32 else 3e-2
     return relative * max(1.0, logits.abs().max().item())
 
 def cmd_export(args: argparse.Namespace) -> int:

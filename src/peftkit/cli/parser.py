@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True, help="'reference' or a local model folder")
     merge.add_argument("--adapter", required=True, help="a LoRA adapter folder")
     merge.add_argument("--out", required=True, help="a new folder for the merged model (safetensors)")
+    merge.add_argument("--quantize", choices=["nf4"],
+                       help="the adapter was trained on an NF4 base (--quantize nf4): merge into that base, dequantized")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="the merged weights' dtype (default: the model's; with --quantize, float32)")
     merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora)")
