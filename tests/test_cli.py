@@ -125,8 +125,8 @@ def test_merge_exits_non_zero_when_the_merged_model_differs(tmp_path, monkeypatc
     adapter = tmp_path / "run" / "adapter"
     real_merge = PeftModel.merge_and_unload
 
-    def broken_merge(self):
-        model = real_merge(self)
+    def broken_merge(self, dtype=None):
+        model = real_merge(self, dtype)
         with torch.no_grad():
             next(model.parameters()).add_(0.5)  # what a wrong merge would do
         return model

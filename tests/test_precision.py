@@ -159,10 +159,16 @@ def test_float16_overflow_skips_the_step_through_the_scaler_instead_of_stopping(
     assert all(torch.isfinite(p).all() for p in pm.trainable_parameters().values())
 
 
-def test_a_killed_float16_run_resumes_to_the_same_adapter_and_loss_scale(tmp_path):
-    """Dropout draws and the scaler's loss scale both come back from the checkpoint."""
+def test_a_killed_float16_run_resumes_to_the_same_adapter_and_loss_scale(tmp_path, monkeypatch):
+    """Dropout draws and the scaler's loss scale both come back from the checkpoint. The first
+    scale, 2^22, overflows for a few steps: the scale the checkpoint holds is one the run itself
+    cut, and a resumed run that started again from 2^22 would skip steps the first one took."""
     class Killed(Exception):
         pass
+
+    original = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "init_scale": 2.0 ** 22}))
 
     def run(folder, seed=0, kill_at=None, resume=False):
         torch.manual_seed(seed)
@@ -174,16 +180,16 @@ def test_a_killed_float16_run_resumes_to_the_same_adapter_and_loss_scale(tmp_pat
                 raise Killed
 
         try:
-            train(pm, _batches(), steps=8, lr=1e-2, progress=False, checkpoint_dir=tmp_path / folder,
+            train(pm, _batches(), steps=10, lr=1e-2, progress=False, checkpoint_dir=tmp_path / folder,
                   checkpoint_every=2, resume=resume, on_step=on_step)
         except Killed:
             pass
         return {n: p.detach().clone() for n, p in pm.trainable_parameters().items()}
 
     whole = run("a")
-    run("b", kill_at=5)
+    run("b", kill_at=9)
     state = torch.load(_checkpoint_paths(tmp_path / "b")[-1] / "state.pt", weights_only=True)
-    assert state["grad_scaler"]["scale"] > 0
+    assert 0 < state["grad_scaler"]["scale"] < 2.0 ** 22 and 1 <= state["skipped_steps"] < state["step"]
     resumed = run("b", seed=123, resume=True)
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0)
@@ -245,3 +251,27 @@ def test_peftkit_train_on_a_gpu_that_is_not_there_fails_before_anything_is_writt
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "--device cpu" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_float16_with_float16_trainable_weights_is_refused_with_the_fix():
+    pm = peftkit.attach(place(tiny_reference(), torch.device("cpu"), torch.float16), CONFIGS["lora"](),
+                        adapter_dtype=None)
+    with pytest.raises(ValueError, match="needs float32 trainable weights.*--adapter-dtype float32"):
+        train(pm, _batches(), steps=1, lr=1e-2, progress=False)
+
+
+def test_float16_gradients_that_never_stop_overflowing_stop_the_run(monkeypatch):
+    """A scaler can only fix an overflow of its own making: gradients that stay infinite (here a
+    hook makes them so) stop the run after MAX_SKIPPED_IN_A_ROW skips, as float32 and bfloat16
+    runs stop at the first, with nothing applied and the log showing grad_norm null."""
+    from peftkit.train import MAX_SKIPPED_IN_A_ROW, NonFiniteError
+
+    pm = peftkit.attach(place(tiny_reference(), torch.device("cpu"), torch.float16), CONFIGS["lora"]())
+    before = {n: p.detach().clone() for n, p in pm.trainable_parameters().items()}
+    for param in pm.trainable_parameters().values():
+        param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    records = []
+    with pytest.raises(NonFiniteError, match=f"overflowed {MAX_SKIPPED_IN_A_ROW} steps in a row"):
+        train(pm, _batches(), steps=MAX_SKIPPED_IN_A_ROW + 5, lr=1e-2, progress=False, on_step=records.append)
+    assert all(torch.equal(before[n], p) for n, p in pm.trainable_parameters().items())
+    assert records and all(r["grad_norm"] is None and r["skipped"] for r in records)

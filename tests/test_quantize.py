@@ -175,3 +175,43 @@ def test_peftkit_merge_of_an_nf4_adapter_writes_a_plain_model_of_the_4bit_base(t
     merged = load_model(out, progress=False).model
     assert not any(isinstance(m, Nf4Linear) for m in merged.modules())  # untargeted layers too
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
+def test_an_nf4_gpt2_merges_back_into_conv1d_layers_that_reload(tmp_path):
+    """GPT-2 stores its linear weights (in, out) in Conv1D: quantized they are (out, in) NF4,
+    and merged they must be Conv1D (in, out) again, or the saved model does not load."""
+    from helpers import randomize_adapters, tiny_gpt2
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    quantize_base(model)
+    pm = peftkit.attach(model, peftkit.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    randomize_adapters(pm)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        unmerged = pm(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload()
+    assert {type(merged.transformer.h[0].attn.c_attn), type(merged.transformer.h[0].mlp.c_proj)} == {Conv1D}
+    merged.save_pretrained(tmp_path / "merged")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_a_classifiers_head_and_pooler_stay_plain_and_train_in_full():
+    from helpers import tiny_bert_classifier
+
+    model = tiny_bert_classifier()
+    quantize_base(model)
+    assert type(model.bert.pooler.dense) is torch.nn.Linear and type(model.classifier) is torch.nn.Linear
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, Nf4Linear)
+    pm = peftkit.attach(model, peftkit.LoraConfig(r=4))
+    trained = pm.trainable_parameters()
+    assert any("pooler" in n and n.endswith("dense.weight") for n in trained)  # a float weight that trains
+    with pytest.raises(ValueError, match="quantized.*cannot train"):
+        other = tiny_bert_classifier()
+        quantize_base(other, trained_in_full=["classifier"])  # the pooler is quantized now
+        peftkit.attach(other, peftkit.LoraConfig(r=4))

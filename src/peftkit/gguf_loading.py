@@ -5,7 +5,7 @@ only then building the model, so a 7B file costs 28 GB on its way to any smaller
 the model is built on the meta device (no memory), and each tensor of the file is
 dequantized, renamed and reordered by transformers' own GGUF tables (the tensor-name map
 and the per-architecture processors, which undo llama.cpp's q/k permutation), then stored
-at once: a linear weight of the blocks as ``quantize.Nf4Linear``, anything else in ``dtype``.
+at once: a linear weight of the blocks as ``nf4.Nf4Linear``, anything else in ``dtype``.
 The peak is the final model plus one tensor in float32.
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import integrations
-from .quantize import Nf4Linear, check_scheme
+from .nf4 import Nf4Linear, check_scheme
 
 
 class StreamingUnsupported(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, precision, quantize, registry, sites, targets, virtual_tokens
+from . import adapter_files, integrations, nf4, precision, registry, sites, targets, virtual_tokens
 from .config import PeftConfig
 from .methods.base import AdapterModule, adapter_modules
 from .methods.lora import LoraLayer
@@ -109,6 +109,9 @@ class PeftModel(nn.Module):
         if isinstance(module, AdapterModule):
             raise ValueError(f"{path!r} is in modules_to_save but already carries a "
                              f"{type(module).__name__}; a module is either adapted or trained in full.")
+        if any(nf4.is_quantized(m) for m in module.modules()):
+            raise ValueError(f"{path!r} is in modules_to_save but its weights are quantized (NF4), so they cannot "
+                             "train; quantize the base with quantize_base(model, trained_in_full=[...]) naming it.")
         copy = TrainedCopy(module)
         self.base_model.set_submodule(path, copy)
         return copy
@@ -292,7 +295,7 @@ class PeftModel(nn.Module):
     def merge(self) -> None:
         """Fold the active LoRA adapters into the base weights (W ← W + s·B A)."""
         self._refuse_bottleneck_merge()
-        if any(isinstance(m, LoraLayer) and quantize.is_quantized(m.base_layer) for m in self._all_adapter_modules()):
+        if any(isinstance(m, LoraLayer) and nf4.is_quantized(m.base_layer) for m in self._all_adapter_modules()):
             # Adding s·B A to 4-bit codes would round it away; the merge goes into Ŵ made plain.
             raise RuntimeError("the LoRA layers' base is quantized (NF4), so the update cannot be folded into it in "
                                "place: use merge_and_unload(dtype=...), which merges into the dequantized weights.")
@@ -351,18 +354,18 @@ class PeftModel(nn.Module):
                 "inference (merge() still folds any LoRA), or use unload() to drop it."
             )
         on_quantized = [m for m in self._all_adapter_modules()
-                        if isinstance(m, LoraLayer) and quantize.is_quantized(m.base_layer)]
-        with torch.no_grad():
-            exact = {id(layer): layer.base_layer.weight.float()
-                     + sum(layer.delta_weight(n).float() for n in layer.active_adapters) for layer in on_quantized}
-        # Every 4-bit layer is made plain, targeted or not: a saved model holds no NF4 codes.
-        for path, module in [(p, m) for p, m in self.base_model.named_modules() if quantize.is_quantized(m)]:
+                        if isinstance(m, LoraLayer) and nf4.is_quantized(m.base_layer)]
+        quantized_bases = {id(layer): layer.base_layer for layer in on_quantized}  # 4-bit: cheap to keep
+        # Every 4-bit layer is made plain, targeted or not: a saved model holds no NF4 codes. A
+        # GPT-2 layer becomes a Conv1D again, whose LoRA then folds in the (in, out) layout.
+        for path, module in [(p, m) for p, m in self.base_model.named_modules() if nf4.is_quantized(m)]:
             self.base_model.set_submodule(path, module.to_linear(dtype))
+        for layer in on_quantized:
+            layer.fan_in_fan_out = quantized_bases[id(layer)].conv1d
         if not self._lora_layers_merged():
             self.merge()
         if on_quantized:
-            worst = max(float((layer.base_layer.weight.detach().float() - exact[id(layer)]).abs().max()
-                              / exact[id(layer)].abs().max().clamp_min(1e-12)) for layer in on_quantized)
+            worst = max(_merge_rounding(layer, quantized_bases[id(layer)]) for layer in on_quantized)
             stored = str(on_quantized[0].base_layer.weight.dtype).removeprefix("torch.")
             warnings.warn(f"merged {len(on_quantized)} LoRA layer(s) into their NF4 base dequantized to {stored}: "
                           f"the merged weights are within {worst:.1e} (relative to the largest) of Ŵ + s·B A in "
@@ -445,6 +448,18 @@ def load(model: nn.Module, directory: str | Path, name: str = "default", trainab
     peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
     peft_model.load_adapter(directory, name, trainable=trainable)
     return peft_model
+
+
+@torch.no_grad()
+def _merge_rounding(layer: LoraLayer, quantized: nn.Module) -> float:
+    """max |W_merged − (Ŵ + s·B A)| / max |Ŵ + s·B A|, the right side in float32, one layer at
+    a time (a float32 copy of every weight at once would cost more than the 4-bit model)."""
+    delta = sum(layer.delta_weight(n).float() for n in layer.active_adapters)
+    merged = layer.base_layer.weight.float()
+    if layer.fan_in_fan_out:  # a Conv1D again: (in, out); Ŵ is (out, in)
+        delta, merged = delta.t(), merged.t()
+    exact = quantized.weight.float() + delta
+    return float((merged - exact).abs().max() / exact.abs().max().clamp_min(1e-12))
 
 
 def attach(model: nn.Module, config: PeftConfig, name: str = "default", *,

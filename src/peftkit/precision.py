@@ -94,7 +94,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def base_dtype(model: nn.Module) -> torch.dtype:
     """The dtype most of the model's frozen floating-point weight elements are stored in
-    (a quantized weight reports the dtype it dequantizes to); float32 when none is frozen."""
+    (an NF4 layer's 4-bit codes are not floating point: its bias, the embeddings and the norms
+    decide); float32 when none is frozen."""
     counts: dict[torch.dtype, int] = {}
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point():
@@ -109,12 +110,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move ``model`` to ``device`` and store its floating-point weights in ``dtype``, in
-    place. Each tensor is converted through ``.data``, so a weight tied to another (GPT-2's
-    head and embedding) stays one tensor; integer buffers (position ids) keep their dtype;
-    a quantized weight (a tensor subclass such as NF4) keeps its 4-bit form."""
+    """Move ``model`` to ``device`` and store its floating-point parameters in ``dtype``, in
+    place. Each is converted through ``.data``, so a weight tied to another (GPT-2's head and
+    embedding) stays one tensor. Buffers keep their dtype, as transformers' own loading in a
+    dtype leaves them: rotary inverse frequencies in bfloat16 would put a position of 4000 off
+    by most of a radian. A quantized weight (a tensor subclass) keeps its 4-bit form."""
     model.to(device)
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in model.parameters():
         if tensor.is_floating_point() and tensor.dtype != dtype and _plain(tensor):
             tensor.data = tensor.data.to(dtype)
     return model

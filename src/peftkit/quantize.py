@@ -1,129 +1,24 @@
-"""A 4-bit frozen base (QLoRA, Dettmers et al. 2023): each linear weight of the base kept as
-NF4 codes and dequantized inside every matmul, with the adapters trained on top in their own
-precision.
-
-NF4 stores a weight W (out, in) as one 4-bit index per value into 16 levels placed at the
-quantiles of a normal distribution, with one absmax scale per block of 64 values; the scales
-are themselves stored in 8 bits ("double quantization"). That is 4.13 bits a weight, 0.26 of
-bfloat16's bytes, and a relative error ||Ŵ − W|| / ||W|| of about 9% on a normal weight
-(bench/results/nf4_choice.md).
-
-The library is bitsandbytes, the field's standard for NF4 (transformers' and PEFT's QLoRA):
-on this project's CPU its 4-bit matmul with its backward costs 1.0–1.6x a plain one against
-torchao's 1.1–4.0x, at the same bytes and error, its state is plain tensors, and it has fused
-CUDA kernels (measured in bench/nf4_choice.py). Its ``matmul_4bit`` keeps only the 4-bit
-weight for backward and never forms W's gradient.
-"""
+"""Quantizing a model's frozen base to 4-bit NF4 (``--quantize nf4``), layer by layer into
+``nf4.Nf4Linear``; what NF4 is and why bitsandbytes is in ``nf4.py``."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import nn
 
-SCHEMES = ("nf4",)
-BLOCK_SIZE = 64  # values per absmax scale, QLoRA's and bitsandbytes' default
+from .nf4 import BLOCK_SIZE, SCHEMES, Nf4Linear, QuantizeError, bitsandbytes, check_scheme, is_quantized
+
+__all__ = ["BLOCK_SIZE", "SCHEMES", "Nf4Linear", "QuantizeError", "bitsandbytes", "check_scheme", "is_quantized",
+           "quantize_base"]
 
 
-class QuantizeError(ValueError):
-    """Quantization that cannot be done here: its library is missing, or nothing to quantize."""
-
-
-def bitsandbytes() -> Any:
-    """The bitsandbytes module, or QuantizeError naming what to install."""
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional  # noqa: F401  (quantize_4bit, dequantize_4bit)
-    except ImportError:
-        raise QuantizeError("--quantize nf4 needs bitsandbytes, the library transformers and PEFT use for NF4: "
-                            "pip install 'peftkit[quantize]' (or pip install bitsandbytes).") from None
-    except Exception as e:  # a broken install fails on import with its own errors
-        raise QuantizeError(f"bitsandbytes is installed but does not load ({type(e).__name__}: {e}); "
-                            "reinstall it: pip install --force-reinstall bitsandbytes.") from e
-    return bnb
-
-
-def check_scheme(scheme: str) -> None:
-    """Refuse an unknown scheme or a missing library before any model is loaded."""
-    if scheme not in SCHEMES:
-        raise QuantizeError(f"quantization {scheme!r} is not one of {SCHEMES}; pass --quantize nf4.")
-    bitsandbytes()
-
-
-class Nf4Linear(nn.Module):
-    """y = x Ŵᵀ + b, with Ŵ (out, in) the NF4 dequantization of the weight it was built from.
-
-    ``weight_4bit`` holds the codes (uint8, two per byte) as a buffer, so ``.to(device)``
-    moves it and a dtype cast leaves it alone; the scales travel in bitsandbytes' QuantState,
-    moved with it. ``weight`` dequantizes on each read (for shapes and the doctor's probes);
-    the forward never does it outside the matmul. The bias stays a frozen float tensor.
-    """
-
-    quantized = True
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        bnb = bitsandbytes()
-        self.out_features, self.in_features = weight.shape
-        codes, state = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=BLOCK_SIZE,
-                                                    quant_type="nf4", compress_statistics=True)
-        self.register_buffer("weight_4bit", codes)
-        self.quant_state = state
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, layer: nn.Module) -> "Nf4Linear":
-        """From an ``nn.Linear`` (weight (out, in)) or a GPT-2 ``Conv1D`` (weight (in, out))."""
-        weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
-        return cls(weight, layer.bias)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the weight was quantized from, and dequantizes to."""
-        return self.quant_state.dtype
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Ŵ (out, in) in ``compute_dtype``: a fresh tensor on every read."""
-        return bitsandbytes().functional.dequantize_4bit(self.weight_4bit, self.quant_state)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.quant_state.to(self.weight_4bit.device)  # moves the scales in place
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bitsandbytes().matmul_4bit(x, self.weight_4bit.t(), quant_state=self.quant_state, bias=bias)
-
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` holding Ŵ in ``dtype`` (default ``compute_dtype``)."""
-        dtype = dtype or self.compute_dtype
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight_4bit.device, dtype=dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.weight)
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        layer.requires_grad_(False)
-        return layer
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, nf4, blocks of {BLOCK_SIZE}"
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return getattr(module, "quantized", False) is True
-
-
-def quantize_base(model: nn.Module, scheme: str = "nf4") -> int:
+def quantize_base(model: nn.Module, scheme: str = "nf4", trained_in_full: list[str] | None = None) -> int:
     """Replace the linear layers of ``model`` by ``Nf4Linear`` in place, before adapters are
-    attached; return how many were replaced. The output head and classification heads stay
-    as they are (bitsandbytes' and transformers' default: the logits are the most sensitive to
-    rounding), as do embeddings and norms. Layers already quantized are kept, so a base loaded
-    quantized is left as it is."""
-    from . import integrations
+    attached; return how many were replaced. The output head stays as it is (bitsandbytes' and
+    transformers' default: the logits are the most sensitive to rounding), as do embeddings,
+    norms and the modules an adapter will train in full (``trained_in_full``, as
+    ``modules_to_save``; None: a classifier's head and pooler), whose weights must stay
+    trainable. Layers already quantized are kept, so a base loaded quantized is left as it is."""
+    from . import integrations, sites
     from .methods.base import AdapterModule
 
     check_scheme(scheme)
@@ -131,10 +26,8 @@ def quantize_base(model: nn.Module, scheme: str = "nf4") -> int:
         raise QuantizeError("quantize the base before attaching adapters: quantize_base(model), then attach.")
     head = integrations.output_head(model)
     skipped = {id(head)} if head is not None else set()
-    for name in ("score", "classifier"):  # sequence-classification heads, trained or new
-        module = getattr(model, name, None)
-        if module is not None:
-            skipped.update(id(m) for m in module.modules())
+    for path in sites.trained_copy_paths(model, trained_in_full):
+        skipped.update(id(m) for m in model.get_submodule(path).modules())
     targets = [(path, module) for path, module in model.named_modules()
                if id(module) not in skipped and (isinstance(module, nn.Linear) or integrations.is_conv1d(module))]
     for path, module in targets:

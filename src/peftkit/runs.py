@@ -328,13 +328,17 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         epochs = 1.0 if options.epochs is None else options.epochs
         steps = max(1, math.ceil(epochs * len(train_batches) / options.grad_accum))
 
+    # Where it runs and whether it recomputes activations do not change the run: a run may
+    # resume on another GPU, or with checkpointing turned on to fit.
+    run_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("device", "gradient_checkpointing")}
     identity = {"model": loaded.source, "data": str(Path(data_path).resolve()), "config": config.to_dict(),
-                "options": {**dataclasses.asdict(options), "steps": steps}}
+                "options": {**run_options, "steps": steps}}
     with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
         place(loaded.model, precision.device, precision.dtype)
         if options.quantize is not None:
             from .quantize import quantize_base
-            quantize_base(loaded.model, options.quantize)  # a base loaded quantized stays as it is
+            # A base loaded quantized stays as it is; what the config trains in full stays plain.
+            quantize_base(loaded.model, options.quantize, config.modules_to_save)
         pm = attach(loaded.model, config, adapter_dtype=options.adapter_torch_dtype())
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(pm)

@@ -30,7 +30,7 @@ from . import integrations
 from .config import TargetSpec
 from .methods.base import AdapterModule
 from .methods.lora import LoraEmbedding, LoraLayer, LoraLinear
-from .quantize import Nf4Linear
+from .nf4 import Nf4Linear
 
 # LoRA paper (Hu et al. 2021, sec. 7.1): adapting W_q and W_v gives the best result for a
 # fixed parameter budget; PEFT's per-architecture defaults follow the same choice.
@@ -82,7 +82,7 @@ def lora_layer_types() -> dict[type, LayerType]:
     """Module type -> LayerType, for exactly these types (a subclass may compute anything).
     transformers' GPT-2 ``Conv1D`` stores its weight (in, out), so its wrapper is told so;
     it is looked up each time, as it exists only once transformers is loaded. A 4-bit base
-    layer (``quantize.Nf4Linear``, weight (out, in) once dequantized) is a linear one."""
+    layer (``nf4.Nf4Linear``, weight (out, in) once dequantized) is a linear one."""
     conv1d = integrations.conv1d_type()
     return {nn.Linear: _LINEAR, Nf4Linear: _LINEAR, nn.Embedding: _EMBEDDING,
             **({conv1d: _CONV1D} if conv1d is not None else {})}
@@ -108,7 +108,10 @@ def describe(module: nn.Module, path: str = "") -> Target | None:
     layer_type = lora_layer_types().get(type(module))
     if layer_type is None:
         return None
-    in_features, out_features = layer_type.sizes(module.weight)
+    # A 4-bit layer gives its shape without dequantizing (its weight property would).
+    weight = (torch.empty(module.out_features, module.in_features, device="meta") if layer_type.kind == "linear"
+              and getattr(module, "quantized", False) else module.weight)
+    in_features, out_features = layer_type.sizes(weight)
     return Target(path, layer_type.kind, in_features, out_features, layer_type.wrap)
 
 

@@ -244,6 +244,9 @@ def _micro_batch(batches: Sequence[dict] | EpochBatches, index: int) -> dict:
 
 
 MAX_GRAD_NORM = 1.0  # the bound transformers' Trainer, axolotl and LLaMA-Factory clip to by default
+# float16 steps skipped in a row before the run stops: from the default scale of 2^16, 24
+# halvings reach 2^-8, below which no overflow is the scale's doing.
+MAX_SKIPPED_IN_A_ROW = 24
 
 
 class _NonFiniteLoss(Exception):
@@ -375,6 +378,14 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     precision = Precision.of(model)
     scaler = precision.grad_scaler()
+    half_trained = sorted({str(p.dtype).removeprefix("torch.") for g in groups for p in g["params"]
+                           if p.dtype == torch.float16})
+    if scaler is not None and half_trained:
+        # GradScaler unscales in place and cannot hold fp16 gradients; fp16 weights would also
+        # lose AdamW's small updates. A classifier head (modules_to_save) runs in the base's dtype.
+        raise ValueError("a float16 base trains with a gradient scaler, which needs float32 trainable weights, but "
+                         "some are float16 (--adapter-dtype float16 or base, or a classifier head trained in full "
+                         "on a float16 base); pass --adapter-dtype float32, or --dtype bfloat16 or float32.")
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result,
@@ -384,6 +395,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     owners = _gradient_owners(model)
     lora_plus = "lora_B" in result.rates
+    skipped_in_a_row = 0
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=desc,
@@ -417,10 +429,15 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
             scaler.update()
         if bad:
             result.skipped_steps += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: the gradients are not finite
+                raise _stop(f"float16 gradients overflowed {skipped_in_a_row} steps in a row, down to a loss scale "
+                            f"of {scaler.get_scale():.3g}", step + 1, "gradients", checkpoints, lora_plus)
         else:
+            skipped_in_a_row = 0
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        grad_norm = float(total_norm)  # before clipping
+        grad_norm = float(total_norm)  # before clipping; None in the log when it overflowed
         result.losses.append(step_loss)
         elapsed = time.perf_counter() - start
         # The method's rate at this point of the schedule (LoRA+ groups run at multiples of it).
@@ -429,7 +446,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{current_lr:.2e}",
                         tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
         if on_step is not None:
-            on_step({"step": step + 1, "loss": step_loss, "lr": current_lr, "grad_norm": grad_norm,
+            on_step({"step": step + 1, "loss": step_loss, "lr": current_lr,
+                     "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                      "tokens": result.tokens, "seconds": elapsed, **({"skipped": True} if bad else {})})
         if checkpoints is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
             save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler)

@@ -53,9 +53,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
             return _fail(f"{args.adapter} is a {method.label} adapter; only {', '.join(folding)} folds into "
                          "the weights. Serve it with the adapter attached (peftkit.load) instead.")
         dtype = None if args.dtype is None else dtype_named(args.dtype)
-        # Trained on NF4: the base it learned against is the 4-bit one, so that is what it merges into.
-        loaded = load_model(args.model, progress=False, quantize=args.quantize,
-                            dtype=dtype if args.quantize is None else None)
+        # Trained on NF4: the base it learned against is the 4-bit one, so that is what it merges
+        # into, quantized from --dtype as training quantized it (a GPU run: bfloat16).
+        loaded = load_model(args.model, progress=False, quantize=args.quantize, dtype=dtype)
         pm = load(loaded.model, args.adapter)
         bad = first_non_finite(adapter_tensors(pm, "default").items())
         if bad is not None:  # merged, it would make every output NaN

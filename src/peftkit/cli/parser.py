@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument("--gradient-checkpointing", action="store_true",
                           help="recompute each block's activations in backward: far less memory, ~30%% more time")
     hardware.add_argument("--quantize", choices=["nf4"],
-                          help="keep the frozen base's linear weights in 4-bit NF4 (QLoRA); needs torchao")
+                          help="keep the frozen base's linear weights in 4-bit NF4 (QLoRA); needs bitsandbytes")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")
     lora = train.add_argument_group("LoRA (--method lora)")
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quantize", choices=["nf4"],
                        help="the adapter was trained on an NF4 base (--quantize nf4): merge into that base, dequantized")
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="the merged weights' dtype (default: the model's; with --quantize, float32)")
+                       help="the merged model's dtype (default: the model's); with --quantize, also the dtype the "
+                            "base is quantized from: pass the one the adapter was trained in (bfloat16 on a GPU)")
     merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora)")

@@ -195,10 +195,13 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.in_features, self.out_features = (
-            weight.shape if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        if getattr(base_layer, "quantized", False):  # its weight property would dequantize it
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            weight = base_layer.weight
+            self.in_features, self.out_features = (
+                weight.shape if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+            )
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_bias = nn.ParameterDict()
@@ -207,14 +210,16 @@ class LoraLinear(LoraLayer):
                     use_rslora: bool = False, train_bias: bool = False) -> None:
         """Create adapter ``name``: A Kaiming-uniform, B zero, so B A = 0 at init (M2), and
         a zero bias change when ``train_bias`` and the layer has a bias."""
-        weight = self.base_layer.weight
-        lora_a = torch.empty(r, self.in_features, device=weight.device, dtype=weight.dtype)
+        base = self.base_layer
+        if getattr(base, "quantized", False):
+            device, dtype = base.weight_4bit.device, base.compute_dtype
+        else:
+            device, dtype = base.weight.device, base.weight.dtype
+        lora_a = torch.empty(r, self.in_features, device=device, dtype=dtype)
         # Same init as nn.Linear's weight (and Hugging Face PEFT's A).
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(lora_a)
-        self.lora_B[name] = nn.Parameter(
-            torch.zeros(self.out_features, r, device=weight.device, dtype=weight.dtype)
-        )
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         bias = self.base_layer.bias
         if train_bias and bias is not None:
             self.lora_bias[name] = nn.Parameter(torch.zeros_like(bias))
@@ -284,7 +289,7 @@ class LoraLinear(LoraLayer):
         return y
 
     def _forward_on_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        """A quantized base (``quantize.Nf4Linear``) computes W x + b itself, dequantizing
+        """A quantized base (``nf4.Nf4Linear``) computes W x + b itself, dequantizing
         inside its own matmul and keeping only the 4-bit weight for backward; each adapter adds
         s · B A x (and its bias change) through ``LoraFunction`` without a base weight."""
         y = self.base_layer(x)
