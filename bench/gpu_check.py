@@ -14,7 +14,7 @@ Stages, each in a fresh worker process (``bench.harness``):
 3. Peak memory, per configuration and side, each in a fresh process: set up, one warm-up step,
    one timed step, then ``torch.cuda.max_memory_allocated()`` (all live tensors since the
    process began: weights, activations, gradients, AdamW state; ``setup_peak_mib`` is the same
-   read before the first step, ``peak_reserved_mib`` the allocator's). Dry run: ``ru_maxrss``.
+   read before the first step, ``peak_reserved_mib`` the allocator's). Dry run: peak RSS (VmHWM, ``harness.peak_rss_mb``).
 
 The step, identical on both sides: ``zero_grad(set_to_none=True)``; under ``torch.autocast(device,
 dtype=torch.bfloat16)`` ``loss = model(input_ids=ids, labels=ids).loss``; ``loss.backward()``;
@@ -241,7 +241,7 @@ def measure_memory(config: str, side: str, dry: bool, folder: Path) -> dict:
     step()  # timed
     sync()
     row = {"peak_mem_mib": peak(), "setup_peak_mib": setup_peak, "second_step_s": time.perf_counter() - start,
-           "memory_measure": "ru_maxrss" if dry else "torch.cuda.max_memory_allocated"}
+           "memory_measure": "VmHWM" if dry else "torch.cuda.max_memory_allocated"}
     return row if dry else {**row, "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
         "setup": {"summary": f"Llama {s['model']}, batch {s['batch']} x {s['seq']}, bf16 base under autocast, "
                              f"LoRA {LORA} on {','.join(TARGET_MODULES)}, AdamW lr {LR}, warm-up {s['warmup']}, "
                              f"{s['rounds']} round(s) x {s['steps']} step(s), min over rounds",
-                  "memory": "ru_maxrss of a fresh process per case (MiB)" if args.dry_run else
+                  "memory": "peak RSS (VmHWM) of a fresh process per case (MiB)" if args.dry_run else
                             "torch.cuda.max_memory_allocated of a fresh process per case after a warm-up and a timed "
                             "step (MiB)",
                   **s, "lora": LORA, "target_modules": TARGET_MODULES, "lr": LR, "seed": SEED},

@@ -42,7 +42,7 @@ def test_dry_run_measures_plain_and_gives_a_reason_for_anything_skipped(tmp_path
             for side in gpu_check.SIDES:
                 cell = row["sides"][side]
                 assert cell["tokens_per_s"] > 0 and cell["peak_mem_mib"] > 0, (name, side)
-                assert cell["memory_measure"] == "ru_maxrss" and cell["adapter_dtypes"] == ["torch.float32"]
+                assert cell["memory_measure"] == "VmHWM" and cell["adapter_dtypes"] == ["torch.float32"]
             assert row["tokens_per_s_ratio"] > 0 and row["peak_mem_ratio"] > 0
             assert set(row["targets"].values()) <= {True, False}
         else:

@@ -88,6 +88,8 @@ def test_quantize_base_keeps_the_head_and_embeddings_and_trains_in_bf16():
     assert count == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
     pm = peftkit.attach(model, peftkit.LoraConfig(r=4, target_modules="all-linear"))
+    plain = peftkit.attach(tiny_llama(), peftkit.LoraConfig(r=4, target_modules="all-linear"))
+    assert pm.parameter_counts() == plain.parameter_counts()  # 4-bit weights still count as weights
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     result = train(pm, [{"input_ids": ids, "labels": ids}], steps=8, lr=1e-2, progress=False)
     assert result.losses[-1] < result.losses[0]

@@ -219,9 +219,11 @@ class PeftModel(nn.Module):
         return {n.removeprefix("base_model."): p for n, p in self.named_parameters() if p.requires_grad}
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+        """(trainable, total) parameter counts; shared (tied) tensors are counted once, and a
+        4-bit layer's weight counts its in x out values (its codes are a buffer, two per byte)."""
         params = list(self.parameters())  # parameters() already deduplicates ties
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        quantized = sum(m.in_features * m.out_features for m in self.modules() if nf4.is_quantized(m))
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.parameter_counts()
