@@ -23,9 +23,8 @@ from .formats import atomic
 from .model import PeftModel
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
+from .nf4 import SCHEMES as QUANTIZE_SCHEMES
 from .validate import InvalidValue, flag, number, one_of, positive_int
-
-QUANTIZE_SCHEMES = ("nf4",)
 
 
 # -- a whole run: what `peftkit train` does ------------------------------------------------
