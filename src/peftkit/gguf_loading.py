@@ -42,6 +42,7 @@ def load_gguf_quantized(path: Path, auto_class: Any, dtype: torch.dtype, scheme:
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype)
     parsed = load_gguf_checkpoint(path, return_tensors=False)
+    parsed.pop("tokenizer", None)  # its vocabulary as Python objects: not needed to place tensors
     processor = TENSOR_PROCESSORS.get(parsed["config"]["model_type"], TensorProcessor)(config=parsed["config"])
     names = get_gguf_hf_weights_map(model, processor)
     head = integrations.output_head(model)
@@ -52,7 +53,8 @@ def load_gguf_quantized(path: Path, auto_class: Any, dtype: torch.dtype, scheme:
             continue  # tensors the model has no place for (llama.cpp's rope frequencies)
         owner_path, leaf = names[result.name].rsplit(".", 1)
         owner = model.get_submodule(owner_path)
-        value = torch.from_numpy(np.copy(result.weights))
+        weights = result.weights  # a fresh array, unless the file stores it plain (then a read-only view)
+        value = torch.from_numpy(weights if weights.flags.writeable else np.copy(weights))
         if leaf == "weight" and isinstance(owner, nn.Linear) and owner is not head:
             bias = owner.bias if owner.bias is not None and not owner.bias.is_meta else None
             quantized = Nf4Linear(value.to(dtype), bias)
