@@ -37,17 +37,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand mi
         "step. To be or not to be, that is the question. All that glitters is not gold. ") * 40
 
 
-def _rss_mb() -> float:
-    from peftkit.peak_memory import peak_rss_mb
-
-    return peak_rss_mb()
-
-
-def _current_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def _reset_peak() -> None:
     """Start VmHWM again from the current RSS (Linux: "5" to clear_refs), so that the peak
     of the steps is measured apart from the loader's."""
@@ -67,13 +56,14 @@ def run_case(name: str, steps: int, batch: int, tokens: int) -> dict:
 
     import peftkit
     from peftkit.loading import load_model
+    from peftkit.peak_memory import current_rss_mb, peak_rss_mb
     from peftkit.precision import DTYPES
     from peftkit.train import train
 
     case = CASES[name]
     torch.manual_seed(0)
     loaded = load_model(gguf_path(), progress=False, dtype=DTYPES[case["dtype"]], quantize=case.get("quantize"))
-    load_peak, after_load = _rss_mb(), _current_mb()
+    load_peak, after_load = peak_rss_mb(), current_rss_mb()
     _reset_peak()
     pm = peftkit.attach(loaded.model, peftkit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     if case.get("checkpointing"):
@@ -83,7 +73,7 @@ def run_case(name: str, steps: int, batch: int, tokens: int) -> dict:
     result = train(pm, [{"input_ids": ids, "labels": ids}], steps=steps, lr=1e-3, warmup_ratio=0.0,
                    max_grad_norm=1.0, progress=False)
     seconds = (time.perf_counter() - start) / steps
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     return {"case": name, **case, "load_peak_mb": round(load_peak), "rss_after_load_mb": round(after_load),
             "train_peak_mb": round(peak), "first_loss": result.losses[0],
             "last_loss": result.losses[-1], "seconds_per_step": round(seconds, 2)}

@@ -12,12 +12,26 @@ def peak_rss_mb() -> float:
     child process would report its parent's peak whenever the parent's was higher (a child
     of a 800 MB process reads 800 MB on its first line). VmHWM belongs to the new image.
     Elsewhere (macOS) ``ru_maxrss``, in bytes there."""
+    peak_kib = _status_kib("VmHWM")
+    if peak_kib is not None:
+        return peak_kib / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if peak > 2**32 else peak / 1024  # bytes on macOS, KiB on Linux and BSD
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident set size now, in MB (VmRSS); None where /proc is missing."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def _status_kib(field: str) -> int | None:
+    """A "<field>:  <n> kB" line of /proc/self/status (Linux), or None."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if peak > 2**32 else peak / 1024  # bytes on macOS, KiB on Linux and BSD
+    return None

@@ -378,9 +378,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     precision = Precision.of(model)
     scaler = precision.grad_scaler()
-    half_trained = sorted({str(p.dtype).removeprefix("torch.") for g in groups for p in g["params"]
-                           if p.dtype == torch.float16})
-    if scaler is not None and half_trained:
+    if scaler is not None and any(p.dtype == torch.float16 for g in groups for p in g["params"]):
         # GradScaler unscales in place and cannot hold fp16 gradients; fp16 weights would also
         # lose AdamW's small updates. A classifier head (modules_to_save) runs in the base's dtype.
         raise ValueError("a float16 base trains with a gradient scaler, which needs float32 trainable weights, but "

@@ -32,7 +32,8 @@ from peftkit.quantize import Nf4Linear, quantize_base
 loaded = load_model(sys.argv[1], progress=False, quantize="nf4" if sys.argv[2] == "stream" else None)
 if sys.argv[2] == "whole":
     quantize_base(loaded.model)
-peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+from peftkit.peak_memory import peak_rss_mb
+peak_kb = round(peak_rss_mb() * 1024)
 model = loaded.model
 assert isinstance(model.model.layers[0].self_attn.q_proj, Nf4Linear)
 assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
