@@ -16,6 +16,9 @@ shuffles them).
 Two line formats, both read by ``peftkit.data`` and ``peftkit train``:
 
 - classification: ``{"text": review, "label": "positive" | "negative"}``;
+- messages: ``{"messages": [{"role": "user", "content": question about the review},
+  {"role": "assistant", "content": "positive" | "negative"}]}``, a conversation that
+  ``peftkit train`` renders with the model's own chat template;
 - completion: ``{"prompt": question about the review, "completion": "positive" | "negative"}``,
   the prompt put in the model's chat template when a tokenizer is given (the answer then
   follows the assistant tag), else a plain "Review: ...\\nSentiment (positive or negative):"
@@ -23,6 +26,7 @@ Two line formats, both read by ``peftkit.data`` and ``peftkit train``:
 
 Usage (from the repository root):
     python -m bench.rotten_tomatoes --out data/rt                    # classification JSONL
+    python -m bench.rotten_tomatoes --out data/rt-chat --format messages   # conversations
     python -m bench.rotten_tomatoes --out data/rt --format completion --tokenizer MODEL
         (MODEL: a model folder, or a .gguf file whose tokenizer has a chat template)
 Writes OUT/train.jsonl and OUT/test.jsonl and prints their sizes.
@@ -53,6 +57,7 @@ SEED = 0
 QUESTION = ("Is the following movie review positive or negative? "
             "Answer with one word: positive or negative.\n\nReview: {text}")
 PLAIN_PROMPT = "Review: {text}\nSentiment (positive or negative):"
+FORMATS = ("classification", "messages", "completion")
 
 
 def csv_path() -> Path:
@@ -113,6 +118,12 @@ def completion_prompt(text: str, tokenizer: Any = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def messages_records(reviews: Iterable[dict]) -> list[dict]:
+    """{"messages"} lines: the question as the user's turn, the label word as the reply."""
+    return [{"messages": [{"role": "user", "content": QUESTION.format(text=r["text"])},
+                          {"role": "assistant", "content": r["label"]}]} for r in reviews]
+
+
 def completion_records(reviews: Iterable[dict], tokenizer: Any = None) -> list[dict[str, str]]:
     """{"prompt", "completion"} lines; the completion is the label word (after a space in
     the plain format, where it continues the prompt's line)."""
@@ -140,12 +151,12 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
 
 def write_split(out_dir: str | Path, fmt: str = "classification", tokenizer: Any = None,
                 eval_fraction: float = EVAL_FRACTION, seed: int = SEED) -> tuple[Path, Path]:
-    """Write OUT/train.jsonl and OUT/test.jsonl in ``fmt`` ("classification" or "completion")."""
-    if fmt not in ("classification", "completion"):
-        raise ValueError(f"format must be 'classification' or 'completion', got {fmt!r}.")
+    """Write OUT/train.jsonl and OUT/test.jsonl in ``fmt`` (one of ``FORMATS``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}.")
     train, test = split(eval_fraction, seed)
-    to_records = classification_records if fmt == "classification" else (
-        lambda rows: completion_records(rows, tokenizer))
+    to_records = {"classification": classification_records, "messages": messages_records,
+                  "completion": lambda rows: completion_records(rows, tokenizer)}[fmt]
     out_dir = Path(out_dir)
     return (write_jsonl(to_records(train), out_dir / "train.jsonl"),
             write_jsonl(to_records(test), out_dir / "test.jsonl"))
@@ -164,7 +175,7 @@ def load_tokenizer(model: str | Path) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rotten_tomatoes", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and test.jsonl")
-    p.add_argument("--format", choices=("classification", "completion"), default="classification")
+    p.add_argument("--format", choices=FORMATS, default="classification")
     p.add_argument("--tokenizer", metavar="MODEL",
                    help="completion format: put the prompt in this model's chat template "
                         "(a model folder or a .gguf file); without it, the plain prompt")

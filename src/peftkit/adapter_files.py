@@ -66,13 +66,14 @@ def load_adapter_tensors(model: PeftModel, name: str, tensors: dict[str, torch.T
     model.load_adapter_state(name, {path: module_tensors(tensors, path, input_side) for path in modules}, tensors)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, name: str) -> Path:
-    """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only)."""
+def save_adapter(model: PeftModel, directory: str | Path, name: str, chat_template: str | None = None) -> Path:
+    """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only, and the
+    chat template the data was rendered with when given)."""
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
     config = model.configs[name]
     data = registry.method_for(config).to_file(config, _facts(model, name))
-    return write_adapter(directory, data, adapter_tensors(model, name))
+    return write_adapter(directory, data, adapter_tensors(model, name), chat_template)
 
 
 # -- loading --------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Training data from JSONL files: four line formats, checked line by line.
+"""Training data from JSONL files: seven line formats, checked line by line.
 
 One JSON object per line, all lines of one format:
 
+- ``{"messages": [{"role", "content"}, ...]}``, ShareGPT ``{"conversations": [{"from", "value"}, ...]}``
+  and Alpaca ``{"instruction", "input"?, "output"}``: conversations, rendered with the
+  tokenizer's chat template, the loss on the assistant's turns (``chat``);
 - ``{"text": ...}``                      causal language modelling on the whole text;
 - ``{"prompt": ..., "completion": ...}`` loss on the completion only (prompt labels -100);
 - ``{"text": ..., "label": ...}``        sequence classification (label: string or int);
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .chat import CHAT_FORMATS, ChatError, ChatRenderer, conversation
 from .validate import positive_int
 
 FORMATS = {
@@ -32,8 +36,9 @@ FORMATS = {
     "completion": ("prompt", "completion"),
     "classification": ("text", "label"),
     "tokens": ("input_ids",),
+    **{name: required for name, (required, _) in CHAT_FORMATS.items()},
 }
-_OPTIONAL = {"tokens": ("labels",)}
+_OPTIONAL = {"tokens": ("labels",), **{name: optional for name, (_, optional) in CHAT_FORMATS.items()}}
 IGNORE = -100  # a label left out of the loss
 _SHOWN = 5  # dropped examples named in a message
 
@@ -73,6 +78,7 @@ class Dataset:
     examples: list[Example]
     classes: list[str] = field(default_factory=list)  # classification only
     dropped_where: list[str] = field(default_factory=list)  # left out: "where: why", in file order
+    chat_template: str | None = None  # the template conversations were rendered with (saved with the adapter)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -111,6 +117,12 @@ def _check_fields(obj: dict, fmt: str, where: str) -> None:
     missing = [k for k in FORMATS[fmt] if k not in obj]
     if missing:
         raise DataError(f"{where}: the {fmt!r} format needs the keys {list(FORMATS[fmt])}; {missing} missing.")
+    if fmt in CHAT_FORMATS:
+        try:
+            conversation(obj, fmt, where)
+        except ChatError as e:
+            raise DataError(str(e)) from None
+        return
     if fmt == "tokens":
         _token_ids(obj, "input_ids", where)
         if "labels" in obj:
@@ -189,9 +201,13 @@ def read_jsonl(path: str | Path) -> tuple[str, list[Record]]:
 
 def build_dataset(fmt: str, records: Sequence[dict], encode: Callable[[str], list[int]], *,
                   eos_id: int | None, max_length: int, classes: Sequence[str] | None = None,
-                  vocab_size: int | None = None) -> Dataset:
+                  vocab_size: int | None = None, tokenizer: Any = None, train_on: str = "assistant",
+                  source: str = "the model") -> Dataset:
     """Tokenize records. ``encode`` maps text to ids (with the model's BOS if it uses one);
-    causal examples end with ``eos_id`` so the model learns to stop.
+    ``{text}`` and ``{prompt, completion}`` examples end with ``eos_id`` (None: no EOS) so
+    the model learns to stop. Conversations are rendered with ``tokenizer``'s chat template
+    (``chat.ChatRenderer``; ``train_on`` picks the trained turns; ``source`` names the model
+    in errors) and end with the template's own end-of-turn token.
 
     ``vocab_size`` (the model's, ``LoadedModel.vocab_size``) refuses token ids the model has
     no embedding for. An example with no label left to predict (see the module docstring)
@@ -212,6 +228,13 @@ def build_dataset(fmt: str, records: Sequence[dict], encode: Callable[[str], lis
             raise UnknownClassError(f"labels {unknown} are not among the classes {classes}; add them or fix the data.")
         index = {c: i for i, c in enumerate(classes)}
         built = [Example(encode(r["text"])[:max_length], index[str(r["label"])]) for r in records]
+    elif fmt in CHAT_FORMATS:
+        try:
+            renderer = ChatRenderer(tokenizer, train_on, source=source, where=wheres[0] if wheres else "the data")
+            rendered = [renderer.render(conversation(r, fmt, where), where) for r, where in zip(records, wheres)]
+        except ChatError as e:
+            raise DataError(str(e)) from None
+        built = [Example(ids[:max_length], labels[:max_length]) for ids, labels in rendered]
     else:
         end = [] if eos_id is None else [eos_id]
         built = [_causal_example(fmt, r, encode, end, max_length) for r in records]
@@ -231,7 +254,8 @@ def build_dataset(fmt: str, records: Sequence[dict], encode: Callable[[str], lis
                             "max_length (--max-length) where a prompt fills it.")
         warnings.warn(f"left out {len(dropped)} of {len(built)} examples with no label to learn from: {shown}.",
                       UserWarning, stacklevel=2)
-    return Dataset(fmt, examples, list(classes) if fmt == "classification" else [], dropped)
+    return Dataset(fmt, examples, list(classes) if fmt == "classification" else [], dropped,
+                   renderer.template if fmt in CHAT_FORMATS else None)
 
 
 def _listing(dropped: list[str], records: Sequence[dict]) -> str:
@@ -284,9 +308,11 @@ def _nothing_to_learn(example: Example, fmt: str, max_length: int) -> str | None
         return None
     if len(example.input_ids) == 1:
         return "a single token, nothing to predict"
+    full = len(example.input_ids) == max_length
     if fmt == "completion":
-        full = len(example.input_ids) == max_length
         return f"the prompt fills max_length={max_length}" if full else "the completion is empty"
+    if fmt in CHAT_FORMATS and full:
+        return f"max_length={max_length} cuts off every trained assistant turn"
     return "every label is -100"
 
 
@@ -302,7 +328,8 @@ def split(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, D
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(eval_fraction * len(order))) if len(order) > 1 and eval_fraction > 0 else 0
-    pick = lambda idx: Dataset(dataset.format, [dataset.examples[i] for i in idx], dataset.classes)  # noqa: E731
+    pick = lambda idx: Dataset(dataset.format, [dataset.examples[i] for i in idx], dataset.classes,  # noqa: E731
+                               chat_template=dataset.chat_template)
     return pick(order[n_eval:]), pick(order[:n_eval])
 
 

@@ -67,7 +67,8 @@ def write_builtin_data(folder: Path, seed: int) -> tuple[Path, Path]:
 
 def _dataset(loaded: LoadedModel, path: Path, seed: int, eval_fraction: float = 0.2):
     fmt, records = read_jsonl(path)
-    data = build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id, max_length=256)
+    data = build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id, max_length=256,
+                         tokenizer=loaded.tokenizer, source=loaded.source)  # conversations need its template
     return split(data, eval_fraction, seed)
 
 

@@ -399,10 +399,12 @@ class PeftModel(nn.Module):
         return self.base_model
 
     # -- files (M10) ----------------------------------------------------------------
-    def save(self, directory: str | Path, name: str | None = None) -> Path:
+    def save(self, directory: str | Path, name: str | None = None, *, chat_template: str | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) as adapter_config.json +
-        adapter_model.safetensors, adapter weights only, atomically."""
-        return adapter_files.save_adapter(self, directory, name or self.active_adapter)
+        adapter_model.safetensors, adapter weights only, atomically; with ``chat_template``
+        (the Jinja text the training conversations were rendered with) also
+        chat_template.jinja, so that serving renders prompts the same way."""
+        return adapter_files.save_adapter(self, directory, name or self.active_adapter, chat_template)
 
     def load_adapter(self, directory: str | Path, name: str = "default", trainable: bool = False) -> None:
         """Attach a saved adapter under ``name`` (checked against this model)."""

@@ -19,11 +19,13 @@ import torch
 
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
+from . import packing
 from .formats import atomic
 from .model import PeftModel
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
 from .nf4 import SCHEMES as QUANTIZE_SCHEMES
+from .chat import TRAIN_ON
 from .validate import InvalidValue, flag, number, one_of, positive_int
 
 
@@ -59,6 +61,9 @@ class RunOptions:
     adapter_dtype: str = "float32"  # adapter weights on a half-precision base; "base": the base's dtype
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1 more forward
     quantize: str | None = None  # "nf4": the frozen base's linear weights in 4 bits (QLoRA)
+    train_on: str = "assistant"  # conversations: loss on every assistant turn, the last one, or all tokens
+    add_eos: bool = True  # {text} and {prompt, completion} examples end with the tokenizer's EOS
+    pack: bool = False  # several examples per row of max_length, no attention across them
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -88,6 +93,9 @@ class RunOptions:
         one_of(owner, "adapter_dtype", self.adapter_dtype, ("base", *DTYPES))
         flag(owner, "gradient_checkpointing", self.gradient_checkpointing)
         one_of(owner, "quantize", self.quantize, (None, *QUANTIZE_SCHEMES))
+        one_of(owner, "train_on", self.train_on, TRAIN_ON)
+        flag(owner, "add_eos", self.add_eos)
+        flag(owner, "pack", self.pack)
 
     def precision(self) -> Precision:
         """The device and the base's dtype, checked against this machine (``PrecisionError``)."""
@@ -259,6 +267,14 @@ def _rewrite_log(path: Path, keep_through_step: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
+def _encoding(loaded, options: RunOptions) -> dict:
+    """How ``build_dataset`` tokenizes a run's data: the model's tokenizer and vocabulary, and
+    the run's max_length, EOS and conversation options."""
+    return {"eos_id": loaded.eos_id if options.add_eos else None, "max_length": options.max_length,
+            "vocab_size": loaded.vocab_size, "tokenizer": loaded.tokenizer, "train_on": options.train_on,
+            "source": loaded.source}
+
+
 def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOptions):
     """The held-out set from its own file: the training file's format, and for classification
     only the classes the model is trained on (an unseen class could never be predicted)."""
@@ -269,9 +285,8 @@ def _held_out_file(path: str | Path, fmt: str, train_set, loaded, options: RunOp
         raise datamod.DataError(f"{path} is {eval_fmt!r} data but the training file is {fmt!r}; "
                                 "the held-out file must use the same format.")
     try:
-        return datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
-                                     max_length=options.max_length, classes=train_set.classes or None,
-                                     vocab_size=loaded.vocab_size)
+        return datamod.build_dataset(fmt, records, loaded.encode, classes=train_set.classes or None,
+                                     **_encoding(loaded, options))
     except datamod.UnknownClassError as e:
         raise datamod.DataError(f"held-out file {path}: {e} The training data has no example of it, so "
                                 "the model cannot learn it: add examples to the training file or drop "
@@ -308,8 +323,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         raise datamod.DataError(
             f"{data_path} is {fmt!r} data but the model was loaded for {loaded.task!r}; "
             "{'text', 'label'} lines need a sequence-classification model and the others a causal LM.")
-    dataset = datamod.build_dataset(fmt, records, loaded.encode, eos_id=loaded.eos_id,
-                                    max_length=options.max_length, vocab_size=loaded.vocab_size)
+    dataset = datamod.build_dataset(fmt, records, loaded.encode, **_encoding(loaded, options))
     if options.eval_data is not None:
         train_set, eval_set = dataset, _held_out_file(options.eval_data, fmt, dataset, loaded, options)
     else:
@@ -318,8 +332,14 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         raise datamod.DataError(f"{data_path} has too few examples to train on ({len(dataset)}).")
     if options.eval_limit is not None:
         eval_set = dataclasses.replace(eval_set, examples=eval_set.examples[:options.eval_limit])
+    # --pack is refused (classification, virtual tokens, a model that cannot) before --out is touched.
+    attention = packing.check_packable(train_set, config, loaded.model) if options.pack else None
     torch.manual_seed(options.seed)
-    train_batches = datamod.EpochBatches(train_set, options.batch_size, loaded.pad_id, seed=options.seed)
+    if options.pack:
+        train_batches = packing.PackedBatches(train_set, options.batch_size, options.max_length, loaded.pad_id,
+                                              seed=options.seed, attention=attention)
+    else:
+        train_batches = datamod.EpochBatches(train_set, options.batch_size, loaded.pad_id, seed=options.seed)
     eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
     if options.steps is not None:
         steps = options.steps
@@ -330,7 +350,11 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     # Where it runs and whether it recomputes activations do not change the run: a run may
     # resume on another GPU, or with checkpointing turned on to fit.
     run_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("device", "gradient_checkpointing")}
-    identity = {"model": loaded.source, "data": str(Path(data_path).resolve()), "config": config.to_dict(),
+    if options.eval_data is not None:  # absolute, so that run.json re-runs from any folder
+        run_options["eval_data"] = str(Path(options.eval_data).resolve())
+    model = Path(loaded.source)
+    identity = {"model": str(model.resolve()) if model.exists() else loaded.source,
+                "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
     with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
         place(loaded.model, precision.device, precision.dtype)
@@ -364,7 +388,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
                            resume=resume, on_step=write_log, preflight=preflight,
                            lora_plus_ratio=options.lora_plus_ratio, max_grad_norm=options.max_grad_norm)
         eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
-        adapter_dir = pm.save(out_dir / ADAPTER)
+        adapter_dir = pm.save(out_dir / ADAPTER, chat_template=dataset.chat_template)
     return RunSummary(
         method=config.peft_type, trainable_params=trainable, total_params=total,
         train_examples=len(train_set), eval_examples=len(eval_set), steps=steps,

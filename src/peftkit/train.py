@@ -117,6 +117,11 @@ class TrainResult:
 
 
 def _count_tokens(batch: dict) -> int:
+    """The batch's real tokens: a packed batch carries its count (``packing.PackedBatch``:
+    its padding has no mask to count it by), a padded one has its 2D mask."""
+    real = getattr(batch, "real_tokens", None)
+    if real is not None:
+        return real
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
@@ -238,9 +243,9 @@ def _gradient_owners(model: torch.nn.Module) -> dict[int, tuple[str, str]]:
 
 
 def _micro_batch(batches: Sequence[dict] | EpochBatches, index: int) -> dict:
-    """The index-th micro-batch of the run: ``EpochBatches`` draws each epoch anew, a plain
-    list of batches is cycled in its order."""
-    return batches.at(index) if isinstance(batches, EpochBatches) else batches[index % len(batches)]
+    """The index-th micro-batch of the run: ``EpochBatches`` (or ``packing.PackedBatches``,
+    anything with ``at``) draws each epoch anew, a plain list of batches is cycled in its order."""
+    return batches.at(index) if hasattr(batches, "at") else batches[index % len(batches)]
 
 
 MAX_GRAD_NORM = 1.0  # the bound transformers' Trainer, axolotl and LLaMA-Factory clip to by default

@@ -1,6 +1,7 @@
 """The ``peftkit`` command line: the only place that parses arguments or prints.
 
     parser.py     every command's options
+    run_config.py train --config FILE: a YAML or JSON file of options, under the flags
     training.py   demo, train (the method config, the doctor's pre-flight, the summary)
     models.py     doctor, merge, export, info, generate, compare
     output.py     tables, sizes and errors
@@ -11,7 +12,9 @@ from __future__ import annotations
 import sys
 import warnings
 
+from .output import _fail
 from .parser import build_parser
+from .run_config import ConfigError, parse_args
 
 
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
@@ -22,7 +25,10 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _plain_warning
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(build_parser(), argv)
+    except ConfigError as e:  # before anything is loaded or written
+        return _fail(str(e))
     return args.func(args)
 
 

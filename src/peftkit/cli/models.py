@@ -12,14 +12,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 1 when the report has an error, 0 otherwise, 2 for input that cannot be used."""
     from ..doctor import doctor
     from ..model import load
-    from ..formats.adapter_folder import AdapterFileError
+    from ..formats.adapter_folder import AdapterFileError, read_chat_template
     from ..loading import ModelLoadError, load_model
 
     try:
-        model = load_model(args.model, progress=False).model
+        loaded = load_model(args.model, progress=False)
+        model, template = loaded.model, None
         if args.adapter:
             model = load(model, args.adapter)
-        report = doctor(model.eval(), checkpoint=args.checkpoint)
+            template = read_chat_template(args.adapter)  # what training rendered with (D5)
+        report = doctor(model.eval(), checkpoint=args.checkpoint, tokenizer=loaded.tokenizer,
+                        chat_template=template)
     except (ModelLoadError, AdapterFileError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(report.to_json() if args.json else report)
@@ -184,7 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.model, progress=False)
         model = load(loaded.model, args.adapter) if args.adapter else loaded.model
-        ids = torch.tensor([loaded.encode(args.prompt)])  # generate reads and writes text: a tokenizer is needed
+        if args.chat:
+            ids = torch.tensor([_chat_prompt(loaded, args)])
+        else:
+            ids = torch.tensor([loaded.encode(args.prompt)])  # generate reads and writes text: a tokenizer is needed
     except (AdapterFileError, ModelLoadError, ValueError) as e:
         return _fail(str(e))
     torch.manual_seed(args.seed)
@@ -199,8 +205,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kwargs["temperature"] = args.temperature
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    print(args.prompt + loaded.decode(out[0, ids.shape[1]:].tolist()))
+    reply = loaded.decode(out[0, ids.shape[1]:].tolist())
+    print(reply if args.chat else args.prompt + reply)
     return 0
+
+
+def _chat_prompt(loaded, args: argparse.Namespace) -> list[int]:
+    """``--prompt`` as the user's turn (after ``--system``), rendered for the reply by the
+    chat template saved with ``--adapter`` (the one its data was rendered with) or else the
+    tokenizer's own."""
+    from ..chat import prompt_ids
+    from ..formats.adapter_folder import read_chat_template
+
+    loaded._require_tokenizer()
+    template = read_chat_template(args.adapter) if args.adapter else None
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    return prompt_ids(loaded.tokenizer, messages, template, source=loaded.source)
 
 def _compared_methods(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(label, config) of each method ``peftkit compare`` counts; the configs check the numbers."""

@@ -8,6 +8,15 @@ from .models import cmd_compare, cmd_doctor, cmd_export, cmd_generate, cmd_info,
 from .training import cmd_demo, cmd_train
 
 
+RUN_CONFIG_HELP = (
+    "--config FILE: every option is a key, spelled with underscores (max_steps: 200, batch_size: 8, "
+    "train_on: last, pack: true, no_eos: true, targets: [q_proj, v_proj]); null leaves an option at its "
+    "default; relative paths are read from the current folder. Flags on the command line override the "
+    "file. A finished run's OUT/run.json is a config too ({model, data, config: the method config, options}): "
+    "`peftkit train --config OUT/run.json --out OUT2` trains the same adapter. An unknown key or a value "
+    "of the wrong type is an error naming the file and line.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import registry
 
@@ -23,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train an adapter on a JSONL file")
+    train = sub.add_parser("train", help="train an adapter on a JSONL file", epilog=RUN_CONFIG_HELP)
+    train.add_argument("--config", metavar="FILE", help="a .yaml, .yml or .json file of these options (see below); "
+                       "flags given with it override the file")
     train.add_argument("--model", required=True, help="'reference' or a local model folder")
-    train.add_argument("--data", required=True, help="JSONL: {text} | {prompt, completion} | {text, label} | {input_ids[, labels]}")
+    train.add_argument("--data", required=True, help="JSONL: {messages} | {conversations} (ShareGPT) | {instruction, "
+                       "input, output} (Alpaca) | {text} | {prompt, completion} | {text, label} | {input_ids[, labels]}")
     train.add_argument("--method", choices=[m.name for m in registry.METHODS], default="lora")
     train.add_argument("--out", required=True, help="output folder (run.json, train_log.jsonl, checkpoints/, adapter/)")
     length = train.add_mutually_exclusive_group()
@@ -53,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip each step's gradient to this total norm (default 1.0; 0: no clipping)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
+    chat = train.add_argument_group("data")
+    chat.add_argument("--train-on", choices=["assistant", "last", "all"], default="assistant",
+                      help="conversations: the loss on every assistant turn (default), on the last one, "
+                           "or on every token; always with the turn's end-of-turn token")
+    chat.add_argument("--no-eos", dest="add_eos", action="store_false",
+                      help="do not end {text} and {prompt, completion} examples with the tokenizer's EOS token")
+    chat.add_argument("--pack", action="store_true",
+                      help="pack several examples into each row of --max-length tokens, with no attention "
+                           "across them (positions restart per example): fewer padding tokens; --batch-size "
+                           "then counts rows. LoRA and adapters on causal LMs")
     hardware = train.add_argument_group("device and precision")
     hardware.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     hardware.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -85,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "prefix default: vocab, the model's own keys and values of vocabulary tokens)")
     virtual.add_argument("--init-text", "--prompt-init-text", dest="init_text",
                          help="the text for --init text (encoded with the model's tokenizer)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, method_config=None, option_sources=None)  # run_config sets the two
 
-    check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12")
+    check = sub.add_parser("doctor", help="check a model, its adapter and a checkpoint for the mistakes M1-M12 "
+                                          "(and the adapter's chat template, D5)")
     check.add_argument("--model", required=True, help="'reference' or a local model folder")
     check.add_argument("--adapter", help="an adapter folder to load onto the model (peftkit's or Hugging Face PEFT's)")
     check.add_argument("--checkpoint", help="a saved file or folder (save_pretrained, Trainer checkpoint-N) to check for base-model weights")
@@ -123,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True)
     gen.add_argument("--adapter")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true",
+                     help="send --prompt as the user's turn, rendered by the chat template saved with --adapter "
+                          "(else the tokenizer's), and print the assistant's reply")
+    gen.add_argument("--system", help="with --chat: a system turn before the prompt")
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8)

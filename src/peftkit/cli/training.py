@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..validate import InvalidValue
 from .output import _fail, _human_bytes, _table
+from .run_config import set_by
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,43 +66,66 @@ def _given(value) -> bool:
     return value is not None and value is not False
 
 def _method_config(args: argparse.Namespace, tokenizer=None):
-    """The method config from the command line; an option of another method is an error."""
+    """The method config from the options, on the base of a --config file's ``config`` section
+    (a run.json's method config) when that is this method's; an option of another method is an error."""
     from .. import registry
 
     method = registry.method_named(args.method)
     stray = sorted({dest for other in registry.METHODS for dest in other.cli_options
                     if dest not in method.cli_options and _given(getattr(args, dest))})
     if stray:
-        flags = ", ".join("--" + o.replace("_", "-") for o in stray)
+        flags = ", ".join(set_by(args, o) for o in stray)
         raise ValueError(f"{flags} do(es) not apply to --method {args.method}.")
     kwargs = {field: getattr(args, dest) for dest, field in method.cli_options.items() if _given(getattr(args, dest))}
     targets = kwargs.get("target_modules")
     if targets is not None and targets not in ("attention", "all-linear"):
         kwargs["target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
+    base = args.method_config if args.method_config and args.method_config["peft_type"] == method.peft_type else {}
+    kwargs = {**{k: v for k, v in base.items() if k != "peft_type"}, **kwargs}
     if kwargs.get("init") == "text":
         kwargs["tokenizer"] = tokenizer
     try:
         return method.config_class(**kwargs)
-    except InvalidValue as e:  # the config's own check; say which option set the field
+    except InvalidValue as e:  # the config's own check; say which option or config key set the field
         options = [dest for dest, field in method.cli_options.items() if field == e.field]
-        if not options:
+        if options and _given(getattr(args, options[0])):
+            where = set_by(args, options[0])
+        elif e.field in base:
+            where = args.option_sources[f"config.{e.field}"]
+        elif options:
+            where = f"--{options[0].replace('_', '-')}"
+        else:
             raise
-        raise ValueError(f"{e} (set by --{options[0].replace('_', '-')})") from None
+        raise ValueError(f"{e} (set by {where})") from None
 
 class PreflightFailed(Exception):
     """The doctor found an error before the first training step."""
 
-def _doctor_preflight(model, optimizer, batch) -> None:
-    """Run the doctor on the real model, optimizer and first batch; errors stop the run."""
+def _doctor_preflight(model, optimizer, batch, *, tokenizer=None, train_on: str | None = None) -> None:
+    """Run the doctor on the real model, optimizer and first batch, with the tokenizer the
+    data was made with and, for conversations, the tokens the loss is meant to be on (the
+    data checks D1-D5); errors stop the run."""
     from ..doctor import doctor
 
-    report = doctor(model, optimizer=optimizer, batch=batch)
+    report = doctor(model, optimizer=optimizer, batch=batch, tokenizer=tokenizer, train_on=train_on)
     if not report.ok:
         raise PreflightFailed(str(report))
     for finding in report.warnings:
         print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
     for note in report.notes:  # probes that could not run: say so rather than pass in silence
         print(f"doctor note: {note}", file=sys.stderr)
+
+def _preflight_for(loaded, fmt: str, train_on: str):
+    """The pre-flight of one run: ``train_on`` tells the doctor the intent only for
+    conversations, the formats it applies to (the others fix their loss mask themselves)."""
+    from ..chat import CHAT_FORMATS
+
+    intent = train_on if fmt in CHAT_FORMATS else None
+
+    def preflight(model, optimizer, batch) -> None:
+        _doctor_preflight(model, optimizer, batch, tokenizer=loaded.tokenizer, train_on=intent)
+
+    return preflight
 
 def _rate_split(rates: dict[str, float]) -> str:
     """How the rate was split among the optimizer groups, e.g. " (LoRA+: A 3.3e-4, B 5.2e-3;
@@ -142,13 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                              warmup_ratio=args.warmup_ratio, eval_data=args.eval_data,
                              eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                              device=args.device, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
-                             gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize, **given)
+                             gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize,
+                             train_on=args.train_on, add_eos=args.add_eos, pack=args.pack, **given)
         precision = options.precision()  # no GPU for --device cuda: refused before the model is read
         if options.quantize is not None:
             check_scheme(options.quantize)  # bitsandbytes missing: refused before the model is read
     except InvalidValue as e:  # each RunOptions field is set by the option of its name
-        option = "max-steps" if e.field == "steps" else e.field.replace("_", "-")
-        return _fail(f"{e} (set by --{option})")
+        return _fail(f"{e} (set by {set_by(args, e.field)})")
     except (PrecisionError, QuantizeError) as e:
         return _fail(str(e))
     try:
@@ -159,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             dtype=precision.dtype, quantize=options.quantize)
         config = _method_config(args, loaded.tokenizer)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
-                               progress=not args.no_progress, preflight=_doctor_preflight)
+                               progress=not args.no_progress,
+                               preflight=_preflight_for(loaded, fmt, options.train_on))
     except PreflightFailed as e:
         print(f"peftkit doctor stopped the run before the first step:\n{e}", file=sys.stderr)
         return 1

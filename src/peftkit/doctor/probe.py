@@ -15,11 +15,13 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, is_dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .batch import BatchLabels, read_labels
 from .checkpoint import Checkpoint
 from .inventory import embedding_weight
 from .kinds import PREFIX, PROMPT, PROMPT_METHODS
@@ -252,6 +254,14 @@ class Context:
     inv: Inventory
     notes: list[str]
     training: bool  # the model's mode as given (probes run in eval mode)
+    tokenizer: Any = None
+    train_on: str | None = None  # which tokens the loss is meant to be on; None: not known
+    chat_template: str | None = None  # the template recorded for export
+
+    @cached_property
+    def labels(self) -> BatchLabels | None:
+        """The batch's token labels, read once (a batch whose labels cannot be read is noted once)."""
+        return read_labels(self.batch, self.notes)
 
     def optimizer_params(self) -> dict[int, nn.Parameter]:
         if self.optimizer is None:

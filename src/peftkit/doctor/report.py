@@ -1,6 +1,8 @@
 """What the doctor hands back: ``Finding`` (one mistake, with where and how to fix it) and
 ``DoctorReport`` (the findings, the notes on probes that could not run, and their text and
-JSON forms); plus the few phrase helpers every check writes its messages with."""
+JSON forms); the ids, the twelve model mistakes (``MISTAKES``, M1-M12) and the findings on
+the training data (``DATA_FINDINGS``, D1-D5); plus the few phrase helpers every check writes
+its messages with."""
 
 from __future__ import annotations
 
@@ -27,17 +29,43 @@ MISTAKES: dict[str, str] = {
     "M12": "gradients in the wrong places",
 }
 
+# What the batch, the tokenizer and the recorded chat template show: the model is set up
+# right, but what it is trained on (or served with) is not what was meant.
+DATA_FINDINGS: dict[str, str] = {
+    "D1": "no label to learn from",
+    "D2": "labels on padding",
+    "D3": "loss on user or system tokens",
+    "D4": "no EOS in the labels",
+    "D5": "chat template differs from the recorded one",
+}
+
+_FAMILIES = (MISTAKES, DATA_FINDINGS)  # in report order: M1-M12, then D1-D5
+
+
+def title(mistake: str) -> str:
+    """What an id stands for: 'rank too high' for M5."""
+    for family in _FAMILIES:
+        if mistake in family:
+            return family[mistake]
+    raise ValueError(f"unknown mistake id {mistake!r}; ids are {[i for f in _FAMILIES for i in f]}.")
+
 
 def mistake_order(mistake: str) -> int:
-    """The number of an id, so that M10 sorts after M9."""
-    return int(mistake[1:])
+    """Where an id sorts: by its number within its family (M10 after M9), the families in
+    order (D1 after M12)."""
+    offset = 0
+    for family in _FAMILIES:
+        if mistake in family:
+            return offset + int(mistake[1:])
+        offset += len(family)
+    raise ValueError(f"unknown mistake id {mistake!r}.")
 
 
 @dataclass(frozen=True)
 class Finding:
     """One mistake found in the model.
 
-    ``id`` is "M1" .. "M12"; ``severity`` is "error" (training or inference goes wrong),
+    ``id`` is "M1" .. "M12" or "D1" .. "D5"; ``severity`` is "error" (training or inference goes wrong),
     "warning" (it works, badly or wastefully) or "info" (fine now, worth knowing);
     ``where`` names the modules and parameters; ``message`` says what is wrong and why it
     matters; ``fix`` says what to do.
@@ -50,8 +78,7 @@ class Finding:
     fix: str
 
     def __post_init__(self) -> None:
-        if self.id not in MISTAKES:
-            raise ValueError(f"unknown mistake id {self.id!r}; ids are {list(MISTAKES)}.")
+        title(self.id)  # an unknown id is a ValueError
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}.")
 
@@ -96,11 +123,11 @@ class DoctorReport:
         counts = [_count(len([f for f in self.findings if f.severity == s]), s) for s in SEVERITIES]
         lines = [f"peftkit doctor: {', '.join(counts)}" + ("" if self.ok else "  (not ok)")]
         if not self.findings:
-            lines.append("  no mistake found among M1-M12.")
+            lines.append("  no mistake found among M1-M12 and D1-D5.")
         else:
             lines += _summary_table(self.findings)
             for f in self.findings:
-                lines += ["", f"{f.id} {f.severity}: {MISTAKES[f.id]}"]
+                lines += ["", f"{f.id} {f.severity}: {title(f.id)}"]
                 lines += _wrapped("where", f.where) + _wrapped("problem", f.message) + _wrapped("fix", f.fix)
         if self.notes:
             lines += ["", "notes:"] + [line for note in self.notes for line in _wrapped("-", note, width=2)]
@@ -113,7 +140,7 @@ def _count(n: int, severity: str) -> str:
 
 def _summary_table(findings: list[Finding]) -> list[str]:
     rows = [("id", "severity", "mistake", "where")] + [
-        (f.id, f.severity, MISTAKES[f.id], _shorten(f.where, 60)) for f in findings]
+        (f.id, f.severity, title(f.id), _shorten(f.where, 60)) for f in findings]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
 

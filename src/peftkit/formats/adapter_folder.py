@@ -2,6 +2,8 @@
 
     adapter_config.json          the config (see ``peft_config``)
     adapter_model.safetensors    file key -> tensor, adapter weights only
+    chat_template.jinja          the chat template the training data was rendered with, if
+                                 any (transformers' own file name), for serving the same one
 
 Keys, as PEFT writes them:
 
@@ -41,6 +43,7 @@ from . import atomic
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 
 
 class AdapterFileError(ValueError):
@@ -64,14 +67,19 @@ def module_tensors(tensors: dict[str, torch.Tensor], path: str, input_side: bool
     return {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
 
 
-def write_adapter(directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``config`` (adapter_config.json fields) and ``tensors`` (file key -> tensor)."""
+def write_adapter(directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  chat_template: str | None = None) -> Path:
+    """Write ``config`` (adapter_config.json fields) and ``tensors`` (file key -> tensor), and
+    ``chat_template`` (the Jinja text training rendered its conversations with) when given."""
     directory = Path(directory)
     weights = save_safetensors_bytes(
         {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, metadata={"format": "pt"})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    files = {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}
+    if chat_template is not None:
+        files[CHAT_TEMPLATE_NAME] = chat_template.encode("utf-8")
     try:
-        return atomic.write_folder(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes})
+        return atomic.write_folder(directory, files)
     except NotADirectoryError as e:
         raise AdapterFileError(str(e)) from e
 
@@ -102,6 +110,17 @@ def read_config_data(directory: str | Path) -> tuple[dict[str, Any], Path]:
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object.")
     return data, path
+
+
+def read_chat_template(directory: str | Path) -> str | None:
+    """The chat template saved with the adapter (``CHAT_TEMPLATE_NAME``), or None."""
+    path = _recovered(directory) / CHAT_TEMPLATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path} cannot be read as UTF-8 text ({e}); save the adapter again.") from e
 
 
 def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

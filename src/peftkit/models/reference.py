@@ -238,7 +238,11 @@ class ReferenceDecoder(nn.Module):
                 the scored tokens.
             position_ids: (B, T). By default each row counts only its real tokens
                 (mask cumsum - 1, clamped at 0), so a padded row sits exactly where it
-                would alone; without a mask, positions are P + arange(T).
+                would alone; without a mask, positions are P + arange(T). Packed rows
+                (``peftkit.packing``): with no mask and no cache, a position that does not
+                follow the one before it (t != t-1 + 1) starts a new segment, and each
+                token attends causally within its own segment only, as transformers'
+                variable-length path does.
             inputs_embeds: (B, T, C) token embeddings in place of ``input_ids``.
             past_key_values: one (key, value) per layer, each (B, H, P, D): the cache
                 returned by an earlier call with ``use_cache``, or any keys and values
@@ -274,6 +278,8 @@ class ReferenceDecoder(nn.Module):
 
         hidden = inputs_embeds + self.embed_positions(position_ids)
         allowed = self._allowed_keys(attention_mask, batch, seq, past_length, device)
+        if attention_mask is None and past_length == 0:
+            allowed = self._within_segments(allowed, position_ids)
         presents = []
         # Only a training forward that will be differentiated gains from recomputing.
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -332,6 +338,17 @@ class ReferenceDecoder(nn.Module):
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
         return allowed
+
+    @staticmethod
+    def _within_segments(allowed: Tensor, position_ids: Tensor) -> Tensor:
+        """``allowed`` (B, 1, T, T) restricted to each query's segment of packed rows, where
+        a segment starts wherever a position does not follow the one before it; unchanged
+        when no row restarts."""
+        starts = torch.diff(torch.atleast_2d(position_ids), dim=-1) != 1
+        if not bool(starts.any()):
+            return allowed
+        segment = F.pad(starts.long().cumsum(-1), (1, 0))  # (B, T): 0 up to the first restart, then 1, ...
+        return allowed & (segment[:, None, :, None] == segment[:, None, None, :])
 
     @torch.no_grad()
     def generate(
