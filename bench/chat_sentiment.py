@@ -17,7 +17,6 @@ Writes bench/results/chat_sentiment.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ from bench import rotten_tomatoes as rt
 from bench.quality.cases import smollm2_gguf
 from bench.quality.generation import generation_accuracy
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(steps: int, batch_size: int, eval_examples: int, seed: int) -> dict:
@@ -118,12 +116,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval", type=int, default=200, help="held-out reviews scored before and after")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     row = run(args.steps, args.batch_size, args.eval, args.seed)
-    harness.write_atomic(args.out / "chat_sentiment.json", json.dumps(row, indent=2) + "\n")
-    harness.write_atomic(args.out / "chat_sentiment.md", markdown(row))
-    print(markdown(row))
+    harness.write_report(args.out, "chat_sentiment", row, markdown(row))
     return 0
 
 

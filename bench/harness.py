@@ -219,6 +219,14 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_report(directory: Path, name: str, data: dict, text: str) -> None:
+    """``directory/name.json`` (the figures) and ``directory/name.md`` (``text``, for a
+    person), each written atomically; the markdown is printed too."""
+    write_atomic(directory / f"{name}.json", json.dumps(data, indent=2) + "\n")
+    write_atomic(directory / f"{name}.md", text)
+    print(text)
+
+
 # --------------------------------------------------------------------------- markdown
 
 

@@ -25,7 +25,6 @@ the whole subset is taken both ways at the same weights: packing must not change
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -243,9 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     report = run(args)
-    harness.write_atomic(args.out_dir / "packing.json", json.dumps(report, indent=2) + "\n")
-    harness.write_atomic(args.out_dir / "packing.md", markdown(report))
-    print(markdown(report))
+    harness.write_report(args.out_dir, "packing", report, markdown(report))
     return 0
 
 

@@ -150,15 +150,22 @@ def test_eos_positions_are_trained_when_the_pad_token_is_the_eos_token(tmp_path)
     assert (labels[short:] == -100).all() and (mask[short:] == 0).all()
 
 
-def test_peftkit_train_on_conversations_saves_the_template_with_the_adapter(tmp_path, capsys):
+def chat_model_folder(tmp_path):
+    """A tiny random Llama with the Qwen2.5-template tokenizer, as a transformers folder."""
     from helpers import tiny_llama
-    from peftkit.cli import main
 
     folder = tmp_path / "model"
     model = tiny_llama()
     model.resize_token_embeddings(len(qwen25_tokenizer()))
     model.save_pretrained(folder)
     qwen25_tokenizer().save_pretrained(folder)
+    return folder, model
+
+
+def test_peftkit_train_on_conversations_saves_the_template_with_the_adapter(tmp_path, capsys):
+    from peftkit.cli import main
+
+    folder, _ = chat_model_folder(tmp_path)
     rows = [{"messages": [{"role": "user", "content": f"What is {a}+{a}?"},
                           {"role": "assistant", "content": str(a + a)}]} for a in range(12)]
     write_jsonl(tmp_path / "chat.jsonl", rows)
@@ -211,3 +218,56 @@ def test_the_reference_decoder_has_no_chat_template_for_conversations(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "has none" in err and "chat.jsonl, line 1" in err
     assert not out.exists()
+
+
+def test_a_conversation_that_opens_with_the_assistant_is_masked_or_refused_never_mistrained():
+    tokenizer = qwen25_tokenizer()  # its template reads messages[0]: it cannot render an empty chat
+    chat = [{"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yes."}]
+    with pytest.raises(ValueError, match="line 3: the conversation opens with an assistant turn"):
+        ChatRenderer(tokenizer).render(chat, "f.jsonl, line 3")
+    ids, labels = ChatRenderer(tokenizer, "last").render(chat, "f.jsonl, line 3")
+    assert tokenizer.decode([ids[p] for p in trained(labels)]) == "Yes.<|im_end|>"
+
+
+def test_extra_keys_on_a_conversation_line_are_ignored(tmp_path):
+    row = dict(rows_in_three_formats()[0], id="conv-17", source="forum")
+    fmt, records = data.read_jsonl(write_jsonl(tmp_path / "chat.jsonl", [row]))
+    assert fmt == "messages" and records[0]["id"] == "conv-17"
+
+
+def test_generate_chat_renders_with_the_saved_template_and_refuses_a_stray_system(tmp_path, capsys):
+    import argparse
+
+    from peftkit.cli import main
+    from peftkit.cli.models import _chat_prompt
+    from peftkit.loading import load_model
+
+    folder, model = chat_model_folder(tmp_path)
+    adapter = tmp_path / "adapter"
+    import peftkit
+    peftkit.attach(model, peftkit.LoraConfig()).save(adapter, chat_template="{% for m in messages %}<{{ m.role }}>"
+                                                                           "{{ m.content }}{% endfor %}<assistant>")
+    loaded = load_model(folder)
+    args = argparse.Namespace(adapter=str(adapter), prompt="Hi", system="Be kind")
+    assert loaded.tokenizer.decode(_chat_prompt(loaded, args)) == "<system>Be kind<user>Hi<assistant>"
+    code = main(["generate", "--model", str(folder), "--prompt", "Hi", "--system", "Be kind"])
+    assert code == 2 and "pass --chat too" in capsys.readouterr().err
+
+
+def test_a_template_that_refuses_the_prompt_is_an_error_not_a_traceback():
+    from peftkit.chat import ChatError, prompt_ids
+
+    strict = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+              "{% endif %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ChatError, match="refused the prompt: no system role"):
+        prompt_ids(qwen25_tokenizer(), [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], strict)
+
+
+def test_text_examples_keep_their_trained_eos_when_the_pad_token_is_the_eos_token(tmp_path):
+    tokenizer = byte_tokenizer(CHATML_SPECIALS, eos="<|im_end|>", pad="<|im_end|>")
+    _, dataset = build(tmp_path, [{"text": "short"}, {"text": "a longer text than that"}], tokenizer)
+    batch = data.collate(dataset.examples, pad_id=tokenizer.pad_token_id)
+    eos, n = tokenizer.eos_token_id, len(dataset.examples[0].input_ids)
+    assert batch["input_ids"][0, n:].eq(eos).all()  # padded with the EOS id
+    assert batch["labels"][0, n - 1] == eos and batch["labels"][0, n:].eq(-100).all()

@@ -183,7 +183,8 @@ def test_a_transformers_cache_would_turn_packing_off_so_packed_batches_carry_use
 def test_positions_restart_for_each_example_and_for_the_padding():
     a, b, c = _examples([3, 4, 2])
     batch = collate_packed([[a, b], [c]], pad_id=0)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4]]
+    # Padding sits at position 0 (each pad token its own segment), never past the longest example.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 0, 0, 0, 0]]
     assert batch["input_ids"].tolist() == [a.input_ids + b.input_ids, c.input_ids + [0] * 5]
     assert batch.real_tokens == 9 and _count_tokens(batch) == 9
 
@@ -202,7 +203,8 @@ def test_the_mask_layout_is_causal_within_examples_and_blocks_the_padding_apart(
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.float32
     allowed = (mask[:, 0] == 0).int().tolist()
     assert allowed[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
-    assert allowed[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    # Each padding token looks at itself alone, as with position ids (every pad at position 0).
+    assert allowed[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
 
 
 # -- packing and drawing -------------------------------------------------------------------
@@ -349,3 +351,27 @@ def test_peftkit_train_pack_refuses_prompt_tuning_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "--pack works with" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["reference", "llama"])
+def test_packed_batch_gives_the_bottleneck_adapter_gradients_of_the_padded_batch(family):
+    builder, layout = FAMILIES[family]
+    examples = _examples()
+
+    def adapted():
+        pm = peftkit.attach(builder(), peftkit.AdapterConfig(bottleneck=8))
+        randomize_adapters(pm)  # up away from zero, so that down gets a gradient too
+        return pm.eval()
+
+    padded, packed = adapted(), adapted()
+    padded_loss = padded(**collate(examples, pad_id=0)).loss
+    padded_loss.backward()
+    packed_loss = packed(**_packed_all(examples, layout)).loss
+    packed_loss.backward()
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    grads = lambda pm: {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}  # noqa: E731
+    expected, found = grads(padded), grads(packed)
+    assert expected and expected.keys() == found.keys()
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(found[name], grad, rtol=1e-4, atol=1e-6, msg=name)

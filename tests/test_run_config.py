@@ -60,6 +60,7 @@ targets: [q, v]     # or "q,v", as the flag takes it
 no_eos: true
 train_on: last
 checkpoint_every: 2
+pack: true
 """
 
 
@@ -67,7 +68,7 @@ def json_run(folders) -> str:
     return json.dumps({
         "model": str(folders / "reference"), "data": str(folders / "data.jsonl"), "method": "prompt",
         "virtual_tokens": 4, "init": "text", "init_text": "ada had", "epochs": 1, "lr": 3e-3, "seed": 3,
-        "pack": True, "eval_fraction": 0.2}, indent=2)
+        "pack": False, "eval_fraction": 0.2}, indent=2)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_a_json_config_trains_the_run_it_describes(json_run_out):
     assert (run["config"]["num_virtual_tokens"], run["config"]["init"], run["config"]["init_text"]) == \
         (4, "text", "ada had")
     options = run["options"]
-    assert (options["epochs"], options["lr"], options["seed"], options["pack"]) == (1.0, 3e-3, 3, True)
+    assert (options["epochs"], options["lr"], options["seed"], options["pack"]) == (1.0, 3e-3, 3, False)
     assert options["eval_fraction"] == 0.2 and options["batch_size"] == 8  # the default
     assert (json_run_out / "adapter" / "adapter_model.safetensors").is_file()
 

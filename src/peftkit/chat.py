@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .masks import IGNORE_INDEX as IGNORE
+
 TRAIN_ON = ("assistant", "last", "all")  # --train-on: which tokens of a conversation the loss is on
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -44,7 +46,6 @@ CHAT_FORMATS = {
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
 }
-IGNORE = -100
 
 
 class ChatError(ValueError):
@@ -141,6 +142,17 @@ class ChatRenderer:
             raise ChatError(f"{where}: the chat template rendered {type(text).__name__}, not text.")
         return text
 
+    def _opening(self, where: str) -> str:
+        """What the template writes before an assistant turn that opens the conversation (a
+        BOS token, a default system prompt, the assistant's header): the generation prompt
+        of no messages at all, which not every template can render."""
+        try:
+            return self._text([], where, generation_prompt=True)
+        except ChatError:
+            raise ChatError(f"{where}: the conversation opens with an assistant turn, and the chat template "
+                            "cannot render what comes before it; begin with a user (or system) turn, or "
+                            "leave that turn out.") from None
+
     def spans(self, messages: Sequence[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
         """The whole rendered text and the character spans that carry the loss."""
         full = self._text(messages, where)
@@ -151,7 +163,7 @@ class ChatRenderer:
             turns = turns[-1:]
         spans = []
         for k in turns:
-            before = self._text(messages[:k], where, generation_prompt=True) if k else ""
+            before = self._opening(where) if k == 0 else self._text(messages[:k], where, generation_prompt=True)
             through = self._text(messages[:k + 1], where)
             if not (through.startswith(before) and full.startswith(through)):
                 raise ChatError(
@@ -182,8 +194,11 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict], template: str | None = 
                source: str = "the model") -> list[int]:
     """Token ids of ``messages`` rendered for the assistant's reply (the generation prompt),
     by ``template`` (the one saved with an adapter) or else the tokenizer's own."""
-    if template is None:
+    if template is None or tokenizer is None:
         chat_template(tokenizer, source, "--chat")
-    text = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # a template's raise_exception (e.g. no system role) or a Jinja error
+        raise ChatError(f"--chat: the chat template refused the prompt: {e}") from e
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -4,7 +4,8 @@ One JSON object per line, all lines of one format:
 
 - ``{"messages": [{"role", "content"}, ...]}``, ShareGPT ``{"conversations": [{"from", "value"}, ...]}``
   and Alpaca ``{"instruction", "input"?, "output"}``: conversations, rendered with the
-  tokenizer's chat template, the loss on the assistant's turns (``chat``);
+  tokenizer's chat template, the loss on the assistant's turns (``chat``); other keys on
+  such a line (an id, a source) are ignored;
 - ``{"text": ...}``                      causal language modelling on the whole text;
 - ``{"prompt": ..., "completion": ...}`` loss on the completion only (prompt labels -100);
 - ``{"text": ..., "label": ...}``        sequence classification (label: string or int);
@@ -143,7 +144,8 @@ def _line_format(obj: dict, where: str) -> str:
     keys = set(obj)
     for name, required in FORMATS.items():
         allowed = set(required) | set(_OPTIONAL.get(name, ()))
-        if set(required) <= keys and keys <= allowed:
+        # Chat data sets carry extra keys (an id, a source, a score): a conversation ignores them.
+        if set(required) <= keys and (keys <= allowed or name in CHAT_FORMATS):
             return name
     raise DataError(
         f"{where}: keys {sorted(keys)} match no format; use one of "

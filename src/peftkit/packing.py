@@ -4,7 +4,7 @@ Layout. The examples are packed once, in a seeded order, first-fit into rows of 
 ``max_length`` tokens. A batch of rows, each right-padded to the longest row of the batch:
 
     input_ids     a0 a1 a2 b0 b1 b2 b3 p  p          (p: pad_id)
-    position_ids  0  1  2  0  1  2  3  0  1          every example, and the padding, from 0
+    position_ids  0  1  2  0  1  2  3  0  0          every example from 0; padding at 0
     labels        -  a1 a2 -  b1 b2 b3 -  -          (-: -100)
 
 The position ids say where each example starts. Where the model has a variable-length path
@@ -16,9 +16,10 @@ decoder does the same. A model whose attention ignores position ids (OPT builds 
 without them) gets a 4D ``attention_mask`` (rows, 1, T, T) instead (layout ``"mask"``), which
 transformers hands to the attention as it is: 0 where a query may look and the float32
 minimum elsewhere, the additive form that eager and SDPA attention both take. Which layout a
-model needs, or that it has neither, is found by running it (``packed_attention``). The
-padding has its own positions, so it is a segment of its own: it looks at nothing real and
-nothing real looks at it.
+model needs, or that it has neither, is found by running it (``packed_attention``). Every
+padding token sits at position 0, so each is a segment of its own: it looks at nothing real,
+nothing real looks at it, and a row that is mostly padding asks for no position past the
+longest example.
 
 The loss is the unpacked one. A causal LM's loss is the mean, over the label tokens, of
 -log p(label_t | tokens before t of its example). Unpacked, the first token of an example is
@@ -108,8 +109,10 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, attention: st
             positions[r, start:start + n] = torch.arange(n)
             segments[r, start:start + n] = s
             start += n
-        positions[r, start:] = torch.arange(length - start)
-        segments[r, start:] = len(row)
+        # Padding sits at position 0, each pad token a segment of its own: a row that is mostly
+        # padding never asks for a position beyond the model's range.
+        positions[r, start:] = 0
+        segments[r, start:] = len(row) + torch.arange(length - start)
     batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "use_cache": False}
     if attention == "mask":
         causal = torch.ones(length, length, dtype=torch.bool).tril()

@@ -178,6 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .. import integrations, validate
     from ..loading import ModelLoadError, load_model
 
+    if args.system is not None and not args.chat:
+        return _fail("--system is the system turn of a --chat prompt; pass --chat too (or leave --system out).")
     try:
         validate.positive_int("generate", "max_new_tokens", args.max_new_tokens)
         validate.number("generate", "temperature", args.temperature, above=0)
@@ -199,8 +201,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceed "
                      f"the {positions} positions the model reads; ask for at most "
                      f"{max(positions - ids.shape[1], 0)} new tokens.")
+    stop = loaded.eos_id
+    if args.chat:  # a chat reply ends with the template's end-of-turn token, which may not be the EOS
+        from ..doctor.templates import turn_end
+
+        ends = sorted({i for i in (loaded.eos_id, turn_end(loaded.tokenizer)) if i is not None})
+        stop = ends[0] if len(ends) == 1 else ends or None
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
-              "eos_token_id": loaded.eos_id, "pad_token_id": loaded.pad_id}
+              "eos_token_id": stop, "pad_token_id": loaded.pad_id}
     if args.sample:
         kwargs["temperature"] = args.temperature
     with torch.no_grad():
@@ -217,7 +225,6 @@ def _chat_prompt(loaded, args: argparse.Namespace) -> list[int]:
     from ..chat import prompt_ids
     from ..formats.adapter_folder import read_chat_template
 
-    loaded._require_tokenizer()
     template = read_chat_template(args.adapter) if args.adapter else None
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..chat import TRAIN_ON
 from .models import cmd_compare, cmd_doctor, cmd_export, cmd_generate, cmd_info, cmd_merge
 from .training import cmd_demo, cmd_train
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clip each step's gradient to this total norm (default 1.0; 0: no clipping)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none)")
     chat = train.add_argument_group("data")
-    chat.add_argument("--train-on", choices=["assistant", "last", "all"], default="assistant",
+    chat.add_argument("--train-on", choices=TRAIN_ON, default="assistant",
                       help="conversations: the loss on every assistant turn (default), on the last one, "
                            "or on every token; always with the turn's end-of-turn token")
     chat.add_argument("--no-eos", dest="add_eos", action="store_false",

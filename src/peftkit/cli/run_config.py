@@ -186,9 +186,17 @@ def _method_section(data: dict, at, values: dict, sources: dict, put) -> dict[st
         put("method", method.name, "config", "peft_type")
     config = dict(section)
     # run_training filled it in from the model; left out, it follows --model when that changes.
-    if config.get("base_model_name_or_path") is not None and config["base_model_name_or_path"] == data.get("model"):
+    base, model = config.get("base_model_name_or_path"), data.get("model")
+    if base is not None and model is not None and _same_path(base, model):
         del config["base_model_name_or_path"]
     return config
+
+
+def _same_path(a: str, b: str) -> bool:
+    """True when two --model values name one model (run.json keeps the folder resolved)."""
+    from pathlib import Path
+
+    return a == b or (Path(a).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 # -- what each option takes ----------------------------------------------------------------
