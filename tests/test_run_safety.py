@@ -279,3 +279,49 @@ def test_the_lock_file_alone_does_not_make_a_folder_foreign(folders, loaded, tmp
         fcntl.flock(handle, fcntl.LOCK_EX)
         fcntl.flock(handle, fcntl.LOCK_UN)
     assert Path(run(loaded, folders, out).adapter_dir).is_dir()
+
+
+def test_a_run_started_before_an_upgrade_still_resumes(tmp_path, monkeypatch):
+    """A run.json written before options were added (no train_on, add_eos, pack) and with the
+    model path as typed resumes: the new options take the defaults that reproduce the old run."""
+    import peftkit.runs as runs
+    from peftkit.cli import main
+
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    folder, _ = reference_run_inputs(tmp_path)
+    folder.rename(tmp_path / "tiny")  # "reference" alone names the built-in model
+    common = ["train", "--model", "tiny", "--data", "data.jsonl", "--max-steps", "6", "--batch-size", "4",
+              "--lr", "2e-3", "--checkpoint-every", "2", "--no-progress"]
+    assert main(common + ["--out", "whole"]) == 0
+
+    class Killed(BaseException):
+        pass
+
+    real_train = runs.train
+
+    def dying(*args, on_step, **kwargs):
+        def step(record):
+            on_step(record)
+            if record["step"] == 3:
+                raise Killed
+        return real_train(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(runs, "train", dying)
+    with pytest.raises(Killed):
+        main(common + ["--out", "old"])
+    monkeypatch.setattr(runs, "train", real_train)
+    run_file = tmp_path / "old" / "run.json"
+    written = json.loads(run_file.read_text())
+    assert written["model"] == str((tmp_path / "tiny").resolve())
+    for added in ("train_on", "add_eos", "pack"):
+        del written["options"][added]
+    written["model"] = "tiny"  # as typed, relative, as earlier versions kept it
+    run_file.write_text(json.dumps(written))
+    assert main(common + ["--out", "old", "--resume"]) == 0
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "old" / "adapter" / "adapter_model.safetensors")
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], rtol=0, atol=0)

@@ -1,6 +1,6 @@
-"""A whole run, as ``peftkit train`` does it: the run folder (one run per folder, resumed
-from its last checkpoint), the data split and held-out file, the loop of ``train.py``, the
-log and the summary."""
+"""A whole run, as ``peftkit train`` does it: the options, the data split and held-out file,
+the loop of ``train.py`` in its run folder (``run_folder``: one run per folder, resumed from
+its last checkpoint), the log and the summary."""
 
 from __future__ import annotations
 
@@ -8,25 +8,28 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import torch
 
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
 from . import packing
-from .formats import atomic
 from .model import PeftModel
+from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
 from .nf4 import SCHEMES as QUANTIZE_SCHEMES
 from .chat import TRAIN_ON
 from .validate import InvalidValue, flag, number, one_of, positive_int
+
+
+__all__ = ["LOCK_FILE", "RUN_FILE", "LOG_FILE", "CHECKPOINTS", "ADAPTER", "RunFolderError", "RunOptions",
+           "RunSummary", "run_training"]
+# Where a run computes and whether it recomputes activations are not part of its identity.
+NOT_IDENTITY = ("device", "gradient_checkpointing")
 
 
 # -- a whole run: what `peftkit train` does ------------------------------------------------
@@ -132,141 +135,6 @@ class RunSummary:
     skipped_steps: int = 0  # float16 steps the gradient scaler skipped (TrainResult.skipped_steps)
 
 
-class RunFolderError(ValueError):
-    """An output folder that cannot take this run: it holds something else, another run is
-    using it, it cannot be written, or --resume finds nothing to resume."""
-
-
-RUN_FILE = "run.json"
-LOG_FILE = "train_log.jsonl"
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-LOCK_FILE = ".peftkit-run.lock"  # locked (flock) by the run using the folder
-
-
-def _lock(out_dir: Path) -> IO[str]:
-    """Lock ``out_dir`` for this process, or refuse: the lock is the OS's (``flock`` on an
-    open file), so it ends with the process, even one killed with SIGKILL, and never goes stale.
-    The file stays (removing it would let a third run lock a new file beside a live lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows has no flock; a run without its lock could corrupt another's folder
-        raise RunFolderError("peftkit train locks its --out folder with fcntl.flock, which this system "
-                             "lacks (Windows); run it under WSL or Linux.") from None
-
-    handle = open(out_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
-        raise RunFolderError(f"{out_dir} is in use by another peftkit run"
-                             + (f" (process {holder})" if holder.isdigit() else "")
-                             + "; wait for it to finish, or pick another --out.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")  # for the message a second run prints
-    handle.flush()
-    return handle
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Remove what a killed run leaves half-written in its folder: ``*.tmp`` files, unfinished
-    checkpoints (``.partial-*``) and adapter staging folders; a committed adapter replacement
-    is completed instead (``atomic.recover_folder``). Only names peftkit writes are touched."""
-    staging = f".{ADAPTER}{atomic.STAGING}"
-    for folder, stale in ((out_dir, staging), (out_dir / CHECKPOINTS, ".partial-"),
-                          (out_dir / ADAPTER, atomic.STAGING)):
-        if not folder.is_dir():
-            continue
-        if folder.name == ADAPTER:
-            atomic.recover_folder(folder)
-        for entry in folder.iterdir():
-            if entry.is_dir() and entry.name.startswith(stale):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.is_file() and entry.name.endswith(".tmp"):
-                entry.unlink(missing_ok=True)
-
-
-def _read_run_file(run_file: Path) -> dict:
-    try:
-        return json.loads(run_file.read_text())
-    except (OSError, ValueError) as e:
-        raise RunFolderError(f"{run_file} cannot be read as a peftkit run ({e}); pick another --out.") from e
-
-
-def _settle(out_dir: Path, identity: dict, resume: bool) -> None:
-    """Under the lock: decide whether this run may use ``out_dir``, then clean and stamp it.
-
-    Only a folder with a checkpoint or a finished adapter holds a run. Such a folder must
-    hold this very run (run.json equal to ``identity``) and then needs ``resume``, which
-    needs a checkpoint. Anything else that run.json marks as peftkit's is the stub of a
-    start that failed or was killed before its first checkpoint: a new run takes it over
-    (new run.json, empty log), and ``resume`` is refused because there is nothing to resume.
-    """
-    run_file = out_dir / RUN_FILE
-    has_checkpoint = bool(_checkpoint_paths(out_dir / CHECKPOINTS))
-    if has_checkpoint or (out_dir / ADAPTER).is_dir():
-        if not run_file.is_file():
-            raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
-        previous = _read_run_file(run_file)
-        if previous != identity:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise RunFolderError(f"{out_dir} holds a different run (it differs in {changed}); pick another --out.")
-        if not resume:
-            raise RunFolderError(f"{out_dir} already holds this run; pass --resume to continue it or pick another --out.")
-        if not has_checkpoint:
-            raise RunFolderError(f"{out_dir} holds this run's finished adapter but no checkpoint to resume from; "
-                                 "pick another --out to train again.")
-        _remove_leftovers(out_dir)
-        return
-    if resume:
-        raise RunFolderError(f"--resume: {out_dir} holds no checkpoint to resume from (a run writes its first "
-                             "one after --checkpoint-every steps); run again without --resume to start afresh.")
-    _remove_leftovers(out_dir)
-    (out_dir / LOG_FILE).unlink(missing_ok=True)
-    with atomic.replacing(run_file) as tmp:
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-
-
-def _claim_out_dir(out_dir: Path, identity: dict, resume: bool) -> IO[str]:
-    """Take ``out_dir`` for this run and return the open lock file: the folder stays locked
-    until it is closed (or the process ends). Refused with ``RunFolderError``: a path that is
-    not a folder, a folder that cannot be written, a non-empty folder that is not a peftkit
-    run's, a folder another run is using, and what ``_settle`` refuses."""
-    try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise RunFolderError(f"--out {out_dir} is a file, not a folder; pick a folder (it is created if missing).")
-        if out_dir.is_dir() and not (out_dir / RUN_FILE).is_file() and any(
-                entry.name != LOCK_FILE for entry in out_dir.iterdir()):
-            raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out_dir)
-    except OSError as e:
-        raise RunFolderError(f"cannot use {out_dir} as --out: {e.strerror or e}; pick a folder you can "
-                             "write to.") from e
-    try:
-        _settle(out_dir, identity, resume)
-    except OSError as e:
-        lock.close()
-        raise RunFolderError(f"cannot prepare {out_dir} for the run: {e}; pick another --out.") from e
-    except BaseException:
-        lock.close()
-        raise
-    return lock
-
-
-def _rewrite_log(path: Path, keep_through_step: int) -> None:
-    """On resume, drop log lines of steps the checkpoint does not contain."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-    with atomic.replacing(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
-
-
 def _encoding(loaded, options: RunOptions) -> dict:
     """How ``build_dataset`` tokenizes a run's data: the model's tokenizer and vocabulary, and
     the run's max_length, EOS and conversation options."""
@@ -349,14 +217,15 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
 
     # Where it runs and whether it recomputes activations do not change the run: a run may
     # resume on another GPU, or with checkpointing turned on to fit.
-    run_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("device", "gradient_checkpointing")}
+    run_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_IDENTITY}
     if options.eval_data is not None:  # absolute, so that run.json re-runs from any folder
         run_options["eval_data"] = str(Path(options.eval_data).resolve())
     model = Path(loaded.source)
     identity = {"model": str(model.resolve()) if model.exists() else loaded.source,
                 "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
-    with contextlib.closing(_claim_out_dir(out_dir, identity, resume)):
+    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in NOT_IDENTITY}
+    with contextlib.closing(claim_out_dir(out_dir, identity, defaults, resume)):
         place(loaded.model, precision.device, precision.dtype)
         if options.quantize is not None:
             from .quantize import quantize_base
@@ -371,7 +240,7 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         resumed_from = 0
         if resume:  # _claim_out_dir made sure that there is a checkpoint
             resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
-            _rewrite_log(out_dir / LOG_FILE, resumed_from)
+            rewrite_log(out_dir / LOG_FILE, resumed_from)
 
         with (out_dir / LOG_FILE).open("a") as log:
             def write_log(record: dict) -> None:
