@@ -131,6 +131,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     folder = Path(args.path)
     if args.path == "reference" or not (folder / CONFIG_NAME).is_file() and (
             folder.is_file() or (folder / "config.json").is_file() or any(folder.glob("*.gguf"))):
+        if args.serve:
+            return _fail(f"--serve checks an adapter folder, and {folder} is a model; pass the adapter folder.")
         return _model_info(folder)
     try:
         config = read_config(folder)
@@ -154,7 +156,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     print(f"{folder}")
     print(_table(rows))
-    return 0
+    return _serve_check(folder, args) if args.serve else 0
+
+
+def _serve_check(folder, args: argparse.Namespace) -> int:
+    """``info --serve vllm``: exit 0 with the command that serves the folder, or 1 with each
+    reason vLLM would refuse it and its fix."""
+    from .. import serving
+    from ..formats.adapter_folder import read_config_data, read_tensors
+
+    if args.max_lora_rank not in serving.VLLM_RANKS:
+        return _fail(f"--max-lora-rank {args.max_lora_rank} is not a rank vLLM takes; use one of "
+                     f"{list(serving.VLLM_RANKS)}.")
+    data, _ = read_config_data(folder)
+    problems = serving.vllm_problems(data, list(read_tensors(folder)), args.max_lora_rank)
+    if not problems:
+        print(f"\nvLLM: loads this adapter as it is:\n  {serving.vllm_command(folder, data, args.max_lora_rank)}")
+        return 0
+    print(f"\nvLLM: would refuse this adapter ({len(problems)} problem(s)):")
+    for problem in problems:
+        print(f"  - {problem.what}\n    fix: {problem.fix}")
+    return 1
 
 def _model_info(path) -> int:
     """Describe a base model from its config or GGUF header alone (no weights are read)."""

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe an adapter folder (and check that it is whole) or a model "
                                        "(folder or .gguf)")
     info.add_argument("path", help="an adapter folder, a model folder or a .gguf file")
+    info.add_argument("--serve", choices=["vllm"],
+                      help="say whether this serving engine loads the adapter folder as it is, and what to change")
+    info.add_argument("--max-lora-rank", type=int, default=16,
+                      help="with --serve vllm: the server's --max-lora-rank (vLLM's default 16)")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate text with a model and an optional adapter")
