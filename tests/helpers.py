@@ -134,3 +134,30 @@ def reference_run_inputs(root):
     rows = [{"prompt": line.rsplit(",", 1)[0] + ",", "completion": line.rsplit(",", 1)[1]}
             for line in task_lines("B", 24, 0)]
     return root / "reference", write_jsonl(root / "data.jsonl", rows)
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 of a `peftkit train` run (a BaseException, so no handler eats it)."""
+
+
+def train_killed_after(monkeypatch, step: int, argv: list[str]) -> None:
+    """Run ``peftkit train argv`` in process and stop it right after ``step`` is logged, as a
+    kill would: the checkpoints written so far stay, no adapter is written."""
+    import pytest
+
+    import peftkit.runs as runs
+    from peftkit.cli import main
+
+    real_train = runs.train
+
+    def dying(*args, on_step, **kwargs):
+        def logged(record):
+            on_step(record)
+            if record["step"] == step:
+                raise Killed
+        return real_train(*args, on_step=logged, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "train", dying)
+        with pytest.raises(Killed):
+            main(argv)

@@ -301,8 +301,7 @@ def test_peftkit_train_pack_killed_and_resumed_ends_with_the_uninterrupted_adapt
 
     from safetensors.torch import load_file
 
-    import peftkit.runs as runs
-    from helpers import reference_run_inputs
+    from helpers import reference_run_inputs, train_killed_after
     from peftkit.cli import main
 
     model, data = reference_run_inputs(tmp_path)
@@ -315,22 +314,8 @@ def test_peftkit_train_pack_killed_and_resumed_ends_with_the_uninterrupted_adapt
     # Two packed rows of several ~37-token examples each: more than two examples, no padding counted.
     assert all(2 * 37 < n <= 2 * 128 for n in per_step), per_step
 
-    class Killed(BaseException):  # stands in for kill -9 after step 5 (checkpoint at step 3)
-        pass
-
-    real_train = runs.train
-
-    def dying(*args, on_step, **kwargs):
-        def step(record):
-            on_step(record)
-            if record["step"] == 5:
-                raise Killed
-        return real_train(*args, on_step=step, **kwargs)
-
-    monkeypatch.setattr(runs, "train", dying)
-    with pytest.raises(Killed):
-        main(common + ["--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(runs, "train", real_train)
+    # Killed after step 5, with its checkpoint at step 3, then resumed.
+    train_killed_after(monkeypatch, 5, common + ["--out", str(tmp_path / "killed")])
     assert main(common + ["--out", str(tmp_path / "killed"), "--resume"]) == 0
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["options"]["pack"] is True
     whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import reference_run_inputs
+from helpers import reference_run_inputs, train_killed_after
 
 import peftkit
 from peftkit import cli
@@ -284,7 +284,6 @@ def test_the_lock_file_alone_does_not_make_a_folder_foreign(folders, loaded, tmp
 def test_a_run_started_before_an_upgrade_still_resumes(tmp_path, monkeypatch):
     """A run.json written before options were added (no train_on, add_eos, pack) and with the
     model path as typed resumes: the new options take the defaults that reproduce the old run."""
-    import peftkit.runs as runs
     from peftkit.cli import main
 
     import torch
@@ -297,22 +296,7 @@ def test_a_run_started_before_an_upgrade_still_resumes(tmp_path, monkeypatch):
               "--lr", "2e-3", "--checkpoint-every", "2", "--no-progress"]
     assert main(common + ["--out", "whole"]) == 0
 
-    class Killed(BaseException):
-        pass
-
-    real_train = runs.train
-
-    def dying(*args, on_step, **kwargs):
-        def step(record):
-            on_step(record)
-            if record["step"] == 3:
-                raise Killed
-        return real_train(*args, on_step=step, **kwargs)
-
-    monkeypatch.setattr(runs, "train", dying)
-    with pytest.raises(Killed):
-        main(common + ["--out", "old"])
-    monkeypatch.setattr(runs, "train", real_train)
+    train_killed_after(monkeypatch, 3, common + ["--out", "old"])
     run_file = tmp_path / "old" / "run.json"
     written = json.loads(run_file.read_text())
     assert written["model"] == str((tmp_path / "tiny").resolve())

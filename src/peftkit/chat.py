@@ -105,12 +105,23 @@ def conversation(obj: dict, fmt: str, where: str) -> list[dict]:
     return messages
 
 
+def template_text(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template (the default one when it has several named ones), or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def renders_chats(tokenizer: Any) -> bool:
+    """True when the tokenizer has a chat template and can apply it."""
+    return template_text(tokenizer) is not None and callable(getattr(tokenizer, "apply_chat_template", None))
+
+
 def chat_template(tokenizer: Any, source: str, where: str) -> str:
     """The tokenizer's chat template, or ``ChatError`` saying how to get one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: the default one renders chats
-        template = template.get("default")
-    if not isinstance(template, str) or not template.strip() or not hasattr(tokenizer, "apply_chat_template"):
+    template = template_text(tokenizer)
+    if template is None or not renders_chats(tokenizer):
         raise ChatError(f"{where}: conversations are rendered with the tokenizer's chat template, and the "
                         f"tokenizer of {source} has none. Use an instruct model (its tokenizer_config.json "
                         "or chat_template.jinja holds the template), add the template to the model folder, "

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-IGNORE = -100  # the label the loss leaves out (torch's cross_entropy ignore_index)
+from ..masks import IGNORE_INDEX as IGNORE  # the label the loss leaves out (cross_entropy's ignore_index)
+
 _AGREEMENT = 0.9  # share of trained labels that must equal the input's tokens to be a language model's
 
 

@@ -27,18 +27,6 @@ class TemplateProbeError(ValueError):
     not show the contents as given)."""
 
 
-def template_text(tokenizer: Any) -> str | None:
-    """The tokenizer's chat template (the default one when it has several named ones), or None."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    return template if isinstance(template, str) and template.strip() else None
-
-
-def renders_chats(tokenizer: Any) -> bool:
-    return template_text(tokenizer) is not None and callable(getattr(tokenizer, "apply_chat_template", None))
-
-
 def _probe(tokenizer: Any) -> tuple[str, list[tuple[int, int, int]]]:
     """The probe conversation (user, assistant, user) rendered, and its tokens as
     (id, start, end) character spans."""

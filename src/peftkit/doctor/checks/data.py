@@ -15,7 +15,8 @@ from typing import Any
 from ..batch import BatchLabels
 from ..probe import Context
 from ..report import Finding, listing, many
-from ..templates import TemplateProbeError, describe, renders_chats, template_text, turn_end, user_header
+from ...chat import renders_chats, template_text
+from ..templates import TemplateProbeError, describe, turn_end, user_header
 
 
 def _rows(rows: list[int]) -> str:
