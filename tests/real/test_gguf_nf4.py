@@ -48,14 +48,17 @@ def test_streaming_into_nf4_gives_the_whole_file_loaders_model_at_a_lower_peak(t
     from safetensors.torch import load_file
 
     peaks, logits = {}, {}
-    for how in ("whole", "stream"):
+    # Each way twice, interleaved, and the lower peak of the two: a process's peak only ever
+    # gains from the allocator's noise (up to ~0.2 GB here), never loses.
+    for how in ("whole", "stream", "whole", "stream"):
         out = tmp_path / f"{how}.safetensors"
         done = subprocess.run([sys.executable, "-c", _LOAD, str(GGUF), how, str(out)], capture_output=True,
                               text=True, check=True, timeout=600)
-        peaks[how] = int(done.stdout.strip().splitlines()[-1])
+        peak = int(done.stdout.strip().splitlines()[-1])
+        peaks[how] = min(peak, peaks.get(how, peak))
         logits[how] = load_file(str(out))["logits"]
     torch.testing.assert_close(logits["stream"], logits["whole"], rtol=0, atol=0)
     # The whole-file loader builds a float32 state dict of every tensor; the stream holds one at a
-    # time. Measured: 880-994 MB against 1129-1160 MB (0.78-0.88x; the ~0.5 GB of torch,
+    # time. Measured: 880-1080 MB against 1129-1160 MB (0.78-0.93x; the ~0.5 GB of torch,
     # transformers and bitsandbytes imports is in both), and the bound leaves room for that noise.
     assert peaks["stream"] < 0.93 * peaks["whole"], peaks
