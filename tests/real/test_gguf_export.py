@@ -187,7 +187,7 @@ def test_q_and_k_need_the_rotary_row_order(smollm, base_gguf, torch_base, cpp_ba
     assert relative_size(torch_delta, torch_base) > 0.01  # measured: 2.2%
 
     permuted = export_gguf_lora(tmp_path / "adapter", tmp_path / "qk.gguf", base=base_gguf)
-    monkeypatch.setattr(export_module, "_permute_rotary_rows", lambda b, n_head: b)
+    monkeypatch.setattr(export_module, "to_llama_cpp_rows", lambda b, n_head: b)
     plain = export_gguf_lora(tmp_path / "adapter", tmp_path / "qk-unpermuted.gguf", base=base_gguf)
     right, _ = compare(torch_delta, llama_cpp_logits(base_gguf, permuted, tmp_path) - cpp_base)
     wrong, _ = compare(torch_delta, llama_cpp_logits(base_gguf, plain, tmp_path) - cpp_base)
@@ -256,7 +256,7 @@ def test_a_lora_on_the_embeddings_is_refused_by_name(smollm, base_gguf, tmp_path
                        tmp_path / "adapter")
     out = tmp_path / "embed.gguf"
     _assert_refused(lambda: export_gguf_lora(tmp_path / "adapter", out, base=base_gguf), out,
-                    "model.embed_tokens", "self_attn.q_proj", "mlp.down_proj")
+                    "model.embed_tokens", "linear weights of the decoder layers", "peftkit merge")
 
 
 def test_the_recorded_base_model_serves_without_model(small_adapter, base_gguf, tmp_path):
@@ -285,12 +285,19 @@ def test_missing_head_counts_are_a_clear_error(smollm, small_adapter, tmp_path):
                     "num_attention_heads", "head counts")
 
 
-def test_a_non_llama_base_is_refused(small_adapter, tmp_path):
-    (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 12}))
-    out = tmp_path / "gpt2.gguf"
-    _assert_refused(lambda: export_gguf_lora(small_adapter, out, base=tmp_path / "gpt2"), out,
-                    "'gpt2'", "llama-architecture")
+def test_a_base_llama_cpp_cannot_run_is_refused(small_adapter, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text(json.dumps({"model_type": "my-own-model", "n_head": 12}))
+    out = tmp_path / "mine.gguf"
+    _assert_refused(lambda: export_gguf_lora(small_adapter, out, base=tmp_path / "mine"), out,
+                    "'my-own-model'", "llama.cpp has no architecture")
+
+
+def test_an_adapter_gguf_given_as_the_base_is_refused(small_adapter, base_gguf, tmp_path):
+    adapter = export_gguf_lora(small_adapter, tmp_path / "a.gguf", base=base_gguf)
+    out = tmp_path / "out.gguf"
+    _assert_refused(lambda: export_gguf_lora(small_adapter, out, base=adapter), out,
+                    "is a LoRA adapter, not a model")
 
 
 def test_a_base_that_is_not_gguf_is_refused(small_adapter, tmp_path):

@@ -1,5 +1,5 @@
-"""GGUF files, as llama.cpp and Ollama keep models and LoRA adapters: the header reader,
-the LoRA adapter writer, and the names llama.cpp gives the weights a LoRA adapts.
+"""GGUF files, as llama.cpp and Ollama keep models and LoRA adapters: the header reader
+and the LoRA adapter writer.
 
 A GGUF file (little-endian, v2/v3) is
 
@@ -24,18 +24,6 @@ from typing import Any
 import numpy as np
 
 from . import atomic
-
-# Hugging Face Llama module (inside ``model.layers.N.``) -> the llama.cpp tensor
-# (``blk.N.<name>.weight``): the weights peftkit exports a LoRA for. Written out rather than
-# taken from gguf-py's TensorNameMap, which also maps other architectures' names (Meta's
-# ``layers.N.attention.wq``, fused ``mlp.gate_up_proj`` ...) to the same tensors, whose q and
-# k rows are not in the layout the export reorders; tests check the names against it.
-LLAMA_LORA_TENSORS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
 
 class GgufError(ValueError):
     """A file that is not a readable GGUF file; the message says what is wrong with it."""
