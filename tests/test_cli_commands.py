@@ -122,6 +122,34 @@ def test_transformers_folder_train_merge_generate_info(folders, tmp_path):
     assert "LORA" in info.stdout and "q_proj" in info.stdout and "parameters" in info.stdout
 
 
+def test_merge_writes_bf16_shards_with_an_index_config_and_tokenizer(folders, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cli("train", "--model", folders / "llama", "--data", folders / "text.jsonl", "--out", out,
+        "--steps", 2, "--lr", 1e-2, "--no-progress")
+    merged = tmp_path / "merged"
+    proc = cli("merge", "--model", folders / "llama", "--adapter", out / "adapter", "--out", merged,
+               "--dtype", "bf16", "--max-shard-size", "100KB")
+    shards = sorted(merged.glob("model-*.safetensors"))
+    assert len(shards) > 1 and f"{len(shards)} safetensors files" in proc.stdout and "bfloat16" in proc.stdout
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    for shard in shards:
+        assert shard.stat().st_size < 100_000 * 1.5  # one tensor may overshoot, not the whole model
+        with safe_open(str(shard), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True)
+    assert plain.dtype == torch.bfloat16
+    bad = cli("merge", "--model", folders / "llama", "--adapter", out / "adapter", "--out", tmp_path / "m2",
+              "--max-shard-size", "lots", check=False)
+    assert bad.returncode == 2 and "lots" in bad.stderr and "Traceback" not in bad.stderr
+    neither = cli("merge", "--model", folders / "llama", "--adapter", out / "adapter", check=False)
+    assert neither.returncode == 2 and "--out NEW_FOLDER" in neither.stderr
+
+
 def test_classification_reports_accuracy(folders, tmp_path):
     proc = cli("train", "--model", folders / "bert", "--data", folders / "labels.jsonl", "--out", tmp_path / "cls",
                "--steps", 3, "--eval-fraction", 0.25, "--no-progress")

@@ -18,6 +18,7 @@ Both GGUF exports read it: the LoRA adapter (``export.py``) and the merged model
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,7 @@ class GgufBase:
     def tensor_name(self, module: str) -> str | None:
         """The llama.cpp weight of the Hugging Face module ``module`` (e.g.
         ``model.layers.0.self_attn.q_proj``), or None when llama.cpp has no such tensor."""
-        gguf = gguf_package()
-        names = gguf.get_tensor_name_map(_architectures()[self.architecture], self.block_count)
-        name = names.get_name(module)
+        name = _name_map(self.architecture, self.block_count).get_name(module)
         return None if name is None else f"{name}.weight"
 
     def rotary_heads(self, tensor: str) -> int | None:
@@ -84,6 +83,12 @@ class GgufBase:
         if kind == "attn_qkv":  # no converter of an interleaved architecture fuses them
             raise LayoutError(f"{tensor}: a fused qkv weight in an interleaved-rotary architecture is not supported.")
         return self.head_count if kind == "attn_q" else self.head_count_kv
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(architecture: str, block_count: int):
+    """gguf-py's name map (about 60 ms to build, so built once per model)."""
+    return gguf_package().get_tensor_name_map(_architectures()[architecture], block_count)
 
 
 def _architectures() -> dict:

@@ -355,9 +355,11 @@ def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     return None
 
 
-def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
+def save_model_folder(loaded: LoadedModel, folder: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
     """Write ``loaded.model`` (and its tokenizer) as a model folder that ``load_model`` and,
-    for transformers models, ``from_pretrained`` read: safetensors weights, built aside and
+    for transformers models, ``from_pretrained`` read: safetensors weights, split into files
+    of at most ``max_shard_size`` with a ``model.safetensors.index.json`` when larger
+    (transformers' own sharding; the reference decoder is always one file), built aside and
     renamed into place so a crash leaves no half-written folder. A model with a NaN or
     infinite weight is refused before anything is written: it could only compute NaN."""
     folder = Path(folder)
@@ -379,7 +381,7 @@ def save_model_folder(loaded: LoadedModel, folder: str | Path) -> Path:
         if isinstance(loaded.model, ReferenceDecoder):
             loaded.model.save_pretrained(staging)
         else:
-            loaded.model.save_pretrained(staging, safe_serialization=True)
+            loaded.model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(staging)
         if folder.exists():

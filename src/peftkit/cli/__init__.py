@@ -4,6 +4,7 @@
     run_config.py train --config FILE: a YAML or JSON file of options, under the flags
     training.py   demo, train (the method config, the doctor's pre-flight, the summary)
     models.py     doctor, merge, export, info, generate, compare
+    serve.py      serve: a GGUF model and its LoRA adapters behind llama.cpp's OpenAI-compatible server
     output.py     tables, sizes and errors
 """
 

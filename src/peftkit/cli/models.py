@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .output import _fail, _human_bytes, _table
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -38,7 +42,9 @@ def _probe_ids(loaded, text: str = "The quick brown fox jumps over the lazy dog.
     return torch.tensor([loaded.encode(text)])
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Fold a LoRA adapter into the base weights and write a plain model folder."""
+    """Fold a LoRA adapter into the base weights and write a plain model folder and/or a
+    merged GGUF; each is read back and compared with the unmerged model (exit 1 beyond
+    rounding)."""
     import torch
 
     from ..model import load
@@ -48,6 +54,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..loading import ModelLoadError, first_non_finite, load_model, save_model_folder
     from ..precision import dtype_named
 
+    if args.out is None and args.gguf is None:
+        return _fail("say what to write: --out NEW_FOLDER (safetensors), --gguf OUT.gguf, or both.")
+    if args.gguf is not None and args.quantize is not None:
+        return _fail("--gguf merges into the weights of the base .gguf itself, not into an NF4 copy; drop "
+                     "--quantize, or write the NF4 merge as a folder (--out) and convert it with llama.cpp.")
     try:
         config = read_config(args.adapter)
         method = registry.method_for(config)
@@ -67,28 +78,60 @@ def cmd_merge(args: argparse.Namespace) -> int:
         ids = _probe_ids(loaded)
         with torch.no_grad():
             unmerged = pm(input_ids=ids).logits
-            loaded.model = pm.merge_and_unload(dtype=dtype)
-            merged = loaded.model(input_ids=ids).logits
-        out = save_model_folder(loaded, args.out)
-        reloaded = load_model(out, progress=False)
-        with torch.no_grad():
-            again = reloaded.model(input_ids=ids).logits
+        rows, worst = [], []  # (diff, tolerance, what)
+        if args.gguf is not None:
+            rows += _merge_gguf(args, ids, unmerged, worst)
+        if args.out is not None:
+            with torch.no_grad():
+                loaded.model = pm.merge_and_unload(dtype=dtype)
+                merged = loaded.model(input_ids=ids).logits
+            out = save_model_folder(loaded, args.out, max_shard_size=args.max_shard_size)
+            with torch.no_grad():
+                again = load_model(out, progress=False).model(input_ids=ids).logits
+            tolerance = _merge_tolerance(unmerged, merged)
+            merge_diff, reload_diff = _max_diff(merged, unmerged), _max_diff(again, unmerged)
+            worst.append((max(merge_diff, reload_diff), tolerance, str(out)))
+            shards = sorted(p.name for p in out.glob("*.safetensors"))
+            rows += [("merged model", f"{out} ({len(shards)} safetensors file{'s' * (len(shards) > 1)}, "
+                                      f"{_human_bytes(sum(p.stat().st_size for p in out.glob('*.safetensors')))}, "
+                                      f"{str(merged.dtype).removeprefix('torch.')})"),
+                     ("merged vs unmerged", f"max |logit diff| = {merge_diff:.2e}"),
+                     ("reloaded vs unmerged", f"max |logit diff| = {reload_diff:.2e}")]
     except (AdapterFileError, ModelLoadError, ValueError) as e:
         return _fail(str(e))
-    merge_diff, reload_diff = ((merged.float() - unmerged.float()).abs().max().item(),
-                               (again.float() - unmerged.float()).abs().max().item())
-    print(_table([
-        ("merged model", str(out)),
-        ("merged vs unmerged", f"max |logit diff| = {merge_diff:.2e}"),
-        ("reloaded vs unmerged", f"max |logit diff| = {reload_diff:.2e}"),
-    ]))
-    tolerance = _merge_tolerance(unmerged, merged)
-    if not max(merge_diff, reload_diff) <= tolerance:  # NaN fails too
-        print(f"error: the merged model's logits differ from the adapter's by more than {tolerance:.2g}; "
-              f"{out} does not compute what the adapter did. Report this, and serve the adapter unmerged "
-              "(peftkit.load) meanwhile.", file=sys.stderr)
-        return 1
+    print(_table(rows))
+    for diff, tolerance, what in worst:
+        if not diff <= tolerance:  # NaN fails too
+            print(f"error: the merged model's logits differ from the adapter's by more than {tolerance:.2g}; "
+                  f"{what} does not compute what the adapter did. Report this, and serve the adapter unmerged "
+                  "(peftkit.load) meanwhile.", file=sys.stderr)
+            return 1
     return 0
+
+def _max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+def _merge_gguf(args: argparse.Namespace, ids, unmerged, worst: list) -> list[tuple[str, str]]:
+    """Write the merged GGUF, read it back through transformers' GGUF loader, and compare."""
+    import torch
+
+    from ..loading import load_model
+    from ..merged_gguf import write_merged_gguf
+
+    written = write_merged_gguf(args.adapter, args.model, args.gguf, gguf_type=args.gguf_type,
+                                overwrite=args.overwrite)
+    with torch.no_grad():
+        again = load_model(written.path, progress=False).model(input_ids=ids).logits
+    diff = _max_diff(again, unmerged)
+    # Rounding of the stored weights: 16-bit as for a folder, 8-bit blocks (q8_0) about 4x that.
+    relative = {"f32": 1e-4, "bf16": 3e-2, "f16": 3e-2, "q8_0": 1.2e-1}[args.gguf_type]
+    worst.append((diff, relative * max(1.0, unmerged.abs().max().item()), str(written.path)))
+    rows = [("merged GGUF", f"{written.path} ({written.gguf_type}, {written.merged} weights merged, "
+                            f"{_human_bytes(written.size)})"),
+            ("reloaded vs unmerged", f"max |logit diff| = {diff:.2e}")]
+    if written.fell_back:
+        rows.append(("stored in f16", f"{len(written.fell_back)} weights whose rows do not fill q8_0 blocks"))
+    return rows
 
 def _merge_tolerance(logits, merged) -> float:
     """How far merged logits may drift from unmerged ones: float rounding of W + s·B A, about
@@ -99,15 +142,42 @@ def _merge_tolerance(logits, merged) -> float:
     return relative * max(1.0, logits.abs().max().item())
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``)."""
+    """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``), or as an Ollama
+    model folder (``--ollama``)."""
+    from pathlib import Path
+
     from ..export import export_gguf_lora, read_gguf_lora
     from ..formats.adapter_folder import AdapterFileError
 
+    if args.ollama_template and not args.ollama:
+        return _fail("--ollama-template goes with --ollama DIR.")
     try:
-        out = export_gguf_lora(args.adapter, args.gguf, base=args.model, dtype=args.dtype,
-                               overwrite=args.overwrite)
-    except (AdapterFileError, ValueError, OSError) as e:
+        if args.ollama:
+            from .. import ollama
+
+            go_template = Path(args.ollama_template).read_text(encoding="utf-8") if args.ollama_template else None
+            done = ollama.export_ollama(args.adapter, args.ollama, base=args.model, go_template=go_template,
+                                        dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            out = export_gguf_lora(args.adapter, args.gguf, base=args.model, dtype=args.dtype,
+                                   overwrite=args.overwrite)
+    except (AdapterFileError, ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
         return _fail(str(e))
+    if args.ollama:
+        summary, template = read_gguf_lora(done.folder / ollama.ADAPTER_FILE), done.template
+        modelfile, name = done.folder / ollama.MODELFILE, ollama.model_name(done.folder)
+        rows = [("Modelfile", f"FROM {done.base}"),
+                ("", f"ADAPTER ./{ollama.ADAPTER_FILE} ({summary.tensors // 2} LoRA pairs, rank {summary.rank}, "
+                     f"{summary.dtype}, {_human_bytes(summary.size)})"),
+                ("template", done.template_source),
+                ("stop", ", ".join(template.stops) or "-")]
+        if template.default_system is not None:
+            rows.append(("default system", repr(template.default_system)))
+        rows += [("note", note) for note in template.notes]
+        print(f"{done.folder}")
+        print(_table(rows))
+        print(f"\ncreate and run with Ollama:\n  ollama create {name} -f {modelfile}\n  ollama run {name}")
+        return 0
     summary = read_gguf_lora(out)
     base = args.model if args.model and str(args.model).endswith(".gguf") else "BASE.gguf"
     print(f"{out}")

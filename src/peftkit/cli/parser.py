@@ -118,24 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=cmd_doctor)
 
-    merge = sub.add_parser("merge", help="fold a LoRA adapter into the base weights and write a model folder")
-    merge.add_argument("--model", required=True, help="'reference' or a local model folder")
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into the base weights: a model folder (--out) "
+                                         "and/or a merged GGUF (--gguf)")
+    merge.add_argument("--model", required=True, help="'reference', a local model folder, or a .gguf file "
+                                                      "(needed for --gguf)")
     merge.add_argument("--adapter", required=True, help="a LoRA adapter folder")
-    merge.add_argument("--out", required=True, help="a new folder for the merged model (safetensors)")
+    merge.add_argument("--out", help="a new folder for the merged model: safetensors (sharded past "
+                                     "--max-shard-size), config and tokenizer")
+    merge.add_argument("--gguf", metavar="OUT.gguf",
+                       help="also, or instead, write the merged model as one GGUF file for llama.cpp / Ollama, "
+                            "from the base .gguf given as --model")
+    merge.add_argument("--gguf-type", choices=["f32", "bf16", "f16", "q8_0"], default="f16",
+                       help="storage of the merged GGUF's weights (default f16; norms stay f32)")
+    merge.add_argument("--max-shard-size", default="5GB",
+                       help="with --out: the largest safetensors file, e.g. 5GB or 500MB; beyond it the weights are "
+                            "split with a model.safetensors.index.json (transformers models; default 5GB)")
     merge.add_argument("--quantize", choices=["nf4"],
                        help="the adapter was trained on an NF4 base (--quantize nf4): merge into that base, dequantized")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                        help="the merged model's dtype (default: the model's); with --quantize, also the dtype the "
                             "base is quantized from: pass the one the adapter was trained in (bfloat16 on a GPU)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
     merge.set_defaults(func=cmd_merge)
 
-    export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora)")
-    export.add_argument("--adapter", required=True, help="a LoRA adapter folder for a llama-architecture model")
-    export.add_argument("--gguf", required=True, help="the .gguf file to write")
+    export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora), "
+                                           "or as an Ollama model folder (--ollama)")
+    export.add_argument("--adapter", required=True, help="a LoRA adapter folder for a llama-architecture model "
+                                                         "(with --ollama also a GGUF LoRA file)")
+    written = export.add_mutually_exclusive_group(required=True)
+    written.add_argument("--gguf", help="the .gguf file to write")
+    written.add_argument("--ollama", metavar="DIR", help="the folder to write for Ollama: Modelfile (FROM the base "
+                         ".gguf, ADAPTER, TEMPLATE and stop from the chat template) and adapter.gguf; "
+                         "needs a .gguf base (--model)")
     export.add_argument("--model", help="the base model's .gguf file or transformers folder (for its head counts; "
-                                        "default: the adapter's base_model_name_or_path if it is local)")
+                                        "default: the adapter's base_model_name_or_path if it is local); "
+                                        "--ollama needs the .gguf")
+    export.add_argument("--ollama-template", metavar="FILE",
+                        help="with --ollama: a hand-written Go template for TEMPLATE, for a chat template that "
+                             "cannot be translated")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --gguf file, or the export in a non-empty --ollama folder")
     export.set_defaults(func=cmd_export)
 
     info = sub.add_parser("info", help="describe an adapter folder (and check that it is whole) or a model "
@@ -170,4 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--prefix-tokens", type=int, default=10)
     compare.add_argument("--prompt-tokens", type=int, default=20)
     compare.set_defaults(func=cmd_compare)
+
+    from .serve import cmd_serve  # here, beside its block: the other commands' imports stay untouched
+
+    serve = sub.add_parser("serve", help="serve a GGUF model with several LoRA adapters over llama.cpp's "
+                                         "OpenAI-compatible server (the request's \"model\" picks one)")
+    serve.add_argument("--model", required=True, help="the base model's .gguf file")
+    serve.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH[:SCALE]",
+                       help="repeatable: a GGUF LoRA file or a LoRA adapter folder (exported to GGUF first), "
+                            "served as \"model\": NAME; SCALE multiplies its effect (default 1). "
+                            "\"base\" is always served too, without an adapter")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--n-ctx", type=int, default=2048, help="context size of every entry (default 2048)")
+    serve.add_argument("--threads", type=int, help="CPU threads (default: llama_cpp.server's, half the cores)")
+    serve.add_argument("--work-dir", help="folder for the exported and scaled adapters and the server's config "
+                                          "(default: one under the peftkit cache named after the inputs)")
+    serve.add_argument("--verbose", action="store_true", help="show llama.cpp's loading log on every model switch")
+    serve.add_argument("--print-config", action="store_true",
+                       help="prepare the adapters, write and print the config and the command; do not start")
+    serve.set_defaults(func=cmd_serve)
     return parser
