@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, nf4, precision, registry, sites, targets, virtual_tokens
+from . import adapter_files, integrations, mixed_batch, nf4, precision, registry, sites, targets, virtual_tokens
 from .config import PeftConfig
-from .methods.base import AdapterModule, adapter_modules
+from .methods.base import NO_ADAPTER, AdapterModule, adapter_modules
 from .methods.lora import LoraLayer
 from .methods.prefix import PrefixEncoder
 from .methods.prompt import PromptEncoder
@@ -72,6 +72,8 @@ class PeftModel(nn.Module):
         float32 or float64 base's adapters keep its dtype either way."""
         if name in self.configs:
             raise ValueError(f"an adapter named {name!r} already exists; pick another name.")
+        if name == NO_ADAPTER:
+            raise ValueError(f"{NO_ADAPTER!r} names the base model in adapter_names; pick another adapter name.")
         if self._lora_layers_merged():
             raise RuntimeError("adapters are merged into the weights; unmerge() before adding another.")
         method = registry.method_for(config)
@@ -231,23 +233,37 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # -- running ----------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model with the active adapters. With a prompt or prefix adapter
-        active, the call is rewritten around its virtual tokens (``peftkit.virtual_tokens``)."""
+        active, the call is rewritten around its virtual tokens (``peftkit.virtual_tokens``).
+
+        With ``adapter_names``, one per row of the batch (``"__base__"`` for none), each row
+        runs its own LoRA adapter alone instead, whatever is active (``mixed_batch.py``)."""
+        if adapter_names is not None:
+            with mixed_batch.one_adapter_per_row(self, adapter_names, mixed_batch.batch_rows(args, kwargs)):
+                return self.base_model(*args, **kwargs)
         active = self._active_input_adapter()
         if active is None:
             return self.base_model(*args, **kwargs)
         encoder, name = active
         return virtual_tokens.forward(self.base_model, encoder, name, args, kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Generate with the active adapters; returns the input ids followed by the new ones.
 
         Without a prompt or prefix adapter this is the wrapped model's own ``generate``.
         With one, peftkit runs the loop itself (``virtual_tokens.generate``: greedy, or
         sampling with ``temperature``, ``top_k``, ``top_p``), with the KV cache: the virtual
         tokens enter once, at the first step. Batches must be left-padded.
+
+        With ``adapter_names`` (one per prompt row) every decode step of the wrapped model's
+        ``generate`` runs each row, and each beam or returned sequence of it, with its own LoRA
+        adapter alone, as ``forward`` does.
         """
+        if adapter_names is not None:
+            with mixed_batch.one_adapter_per_row(self, adapter_names, mixed_batch.batch_rows(args, kwargs),
+                                                 expanded=True):
+                return self.base_model.generate(*args, **kwargs)
         if self._active_input_adapter() is None:
             return self.base_model.generate(*args, **kwargs)
         if len(args) > 1:

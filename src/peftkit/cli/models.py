@@ -88,7 +88,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             out = save_model_folder(loaded, args.out, max_shard_size=args.max_shard_size)
             with torch.no_grad():
                 again = load_model(out, progress=False).model(input_ids=ids).logits
-            tolerance = _merge_tolerance(unmerged, merged)
+            tolerance = _merge_tolerance(unmerged, _coarser(unmerged.dtype, merged.dtype))
             merge_diff, reload_diff = _max_diff(merged, unmerged), _max_diff(again, unmerged)
             worst.append((max(merge_diff, reload_diff), tolerance, str(out)))
             shards = sorted(p.name for p in out.glob("*.safetensors"))
@@ -123,9 +123,7 @@ def _merge_gguf(args: argparse.Namespace, ids, unmerged, worst: list) -> list[tu
     with torch.no_grad():
         again = load_model(written.path, progress=False).model(input_ids=ids).logits
     diff = _max_diff(again, unmerged)
-    # Rounding of the stored weights: 16-bit as for a folder, 8-bit blocks (q8_0) about 4x that.
-    relative = {"f32": 1e-4, "bf16": 3e-2, "f16": 3e-2, "q8_0": 1.2e-1}[args.gguf_type]
-    worst.append((diff, relative * max(1.0, unmerged.abs().max().item()), str(written.path)))
+    worst.append((diff, _merge_tolerance(unmerged, _GGUF_STORED[args.gguf_type]), str(written.path)))
     rows = [("merged GGUF", f"{written.path} ({written.gguf_type}, {written.merged} weights merged, "
                             f"{_human_bytes(written.size)})"),
             ("reloaded vs unmerged", f"max |logit diff| = {diff:.2e}")]
@@ -133,13 +131,20 @@ def _merge_gguf(args: argparse.Namespace, ids, unmerged, worst: list) -> list[tu
         rows.append(("stored in f16", f"{len(written.fell_back)} weights whose rows do not fill q8_0 blocks"))
     return rows
 
-def _merge_tolerance(logits, merged) -> float:
-    """How far merged logits may drift from unmerged ones: float rounding of W + s·B A, about
-    1e-4 of the logits' scale in float32 and 3e-2 of it when either side is 16-bit."""
-    import torch
+# How far merged logits may drift from unmerged ones, as a share of the logits' scale: the
+# rounding of W + s·B A to the stored type, carried through every layer. Measured on
+# SmolLM2-135M (30 layers) with a random all-linear r=16 adapter: bfloat16 3.9%, q8_0 2.6%.
+_MERGE_TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1, "q8_0": 1e-1}
+_GGUF_STORED = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0"}
 
-    relative = 1e-4 if logits.dtype == merged.dtype == torch.float32 else 3e-2
-    return relative * max(1.0, logits.abs().max().item())
+def _merge_tolerance(logits, stored: str) -> float:
+    """The largest |logit difference| allowed for a model stored as ``stored``."""
+    return _MERGE_TOLERANCE[stored] * max(1.0, logits.abs().max().item())
+
+def _coarser(*dtypes) -> str:
+    """The coarsest of the torch dtypes: the rounding the comparison has to allow for."""
+    names = {str(d).removeprefix("torch.") for d in dtypes}
+    return max(names, key=lambda name: _MERGE_TOLERANCE.get(name, 1e-1))
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a LoRA adapter as a GGUF LoRA file for llama.cpp (``--lora``), or as an Ollama

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a LoRA adapter as a GGUF LoRA file for llama.cpp (--lora), "
                                            "or as an Ollama model folder (--ollama)")
-    export.add_argument("--adapter", required=True, help="a LoRA adapter folder for a llama-architecture model "
+    export.add_argument("--adapter", required=True, help="a LoRA adapter folder, for a model of any architecture llama.cpp runs "
                                                          "(with --ollama also a GGUF LoRA file)")
     written = export.add_mutually_exclusive_group(required=True)
     written.add_argument("--gguf", help="the .gguf file to write")

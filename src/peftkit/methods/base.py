@@ -8,11 +8,15 @@ parameters, each with the role those parameters play, and the plain per-adapter 
 parameters with their roles, are then written once here for every module kind (Hugging
 Face PEFT's ``adapter_layer_names`` / ``other_param_names`` idea). Freezing, saving, the
 LoRA+ optimizer groups and the doctor all go through this one protocol.
+
+A module that ``mixes_rows`` can also run a different adapter on each row of one batch
+(``adapter_names``, as in Hugging Face PEFT): while ``row_adapters`` holds a ``RowAdapters``
+(below), it ignores its active adapters and gives each row the adapter named for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import torch
@@ -30,6 +34,90 @@ ROLES: dict[str, str] = {
 }
 """Role -> what a parameter with that role is."""
 
+NO_ADAPTER = "__base__"
+"""The ``adapter_names`` entry of a row that runs without any adapter (Hugging Face PEFT's name)."""
+
+Rows = slice | torch.Tensor
+"""Rows of a batch: a slice when they are consecutive (a view, nothing copied), else their indices."""
+
+
+class RowAdapters:
+    """Which adapter each row of a batch runs, grouped once per call for every layer of the model.
+
+    Args:
+        names: one adapter name per row (``NO_ADAPTER`` for none).
+        expanded: True inside ``generate``, where transformers may repeat each prompt row k times
+            in a row (``repeat_interleave``: k = beams or returned sequences per prompt); a layer
+            that sees k · len(names) rows then gives each copy its prompt's adapter.
+    """
+
+    def __init__(self, names: Sequence[str], expanded: bool = False) -> None:
+        self.names = list(names)
+        self.expanded = expanded
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, Rows]]] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}
+        self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, Rows]]:
+        """(adapter, its rows) for a batch of ``rows`` rows, rows without an adapter left out;
+        computed once per batch size and device, then shared by every layer."""
+        key = (rows, device)
+        if key not in self._groups:
+            self._groups[key] = self._group(rows, device)
+        return self._groups[key]
+
+    def column_weights(self, columns: tuple[tuple[str, int, float], ...], rows: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """(rows, Σ width) for adapters laid side by side as ``columns`` (name, width, weight): each row
+        holds its own adapter's weight in that adapter's columns, 0 in the others; computed once
+        per layout, so the layers that share one share the tensor."""
+        key = (columns, rows, device, dtype)
+        if key not in self._weights:
+            weights = torch.zeros(rows, sum(width for _, width, _ in columns), device=device, dtype=dtype)
+            where, start = dict(self.groups(rows, device)), 0
+            for name, width, weight in columns:
+                if name in where:
+                    weights[where[name], start:start + width] = weight
+                start += width
+            self._weights[key] = weights
+        return self._weights[key]
+
+    def stacked(self, layer: nn.Module, names: list[str], build) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s adapters ``names`` side by side, ``build()`` once per call and layer: the
+        weights do not change during one forward or generate, and every decode step needs them."""
+        key = (id(layer), tuple(names))
+        if key not in self._stacked:
+            self._stacked[key] = build()
+        return self._stacked[key]
+
+    def _group(self, rows: int, device: torch.device) -> list[tuple[str, Rows]]:
+        count = len(self.names)
+        if rows != count and not (self.expanded and count and rows % count == 0):
+            raise ValueError(f"adapter_names names {count} rows but a layer got a batch of {rows}: this model's "
+                             "layers do not see one row per input row, so the rows cannot be told apart.")
+        repeat = rows // count
+        positions: dict[str, list[int]] = {}
+        for row, name in enumerate(self.names):
+            positions.setdefault(name, []).extend(range(row * repeat, (row + 1) * repeat))
+        positions.pop(NO_ADAPTER, None)
+        return [(name, slice(where[0], where[-1] + 1) if where[-1] - where[0] + 1 == len(where)
+                 else torch.tensor(where, device=device)) for name, where in positions.items()]
+
+
+def add_to_rows(y: torch.Tensor, rows: Rows, delta: torch.Tensor, alpha: float = 1.0) -> None:
+    """y[rows] += alpha · delta in place (delta: those rows' values, any shape of as many):
+    through a view for a slice, with one ``index_add_`` for indices."""
+    if isinstance(rows, slice):
+        y[rows].add_(delta.view(y[rows].shape), alpha=alpha)
+    else:
+        delta = delta.view(len(rows), *y.shape[1:])
+        y.index_add_(0, rows, delta if delta.dtype == y.dtype else delta.to(y.dtype), alpha=alpha)
+
+
+def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """x[rows]: a view for a slice, one ``index_select`` for indices."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
 
 class AdapterModule(nn.Module):
     """Base class of modules that carry adapter weights for one or more named adapters.
@@ -37,17 +125,20 @@ class AdapterModule(nn.Module):
     Subclasses declare ``adapter_tables`` (attribute -> role) and ``adapter_settings``
     (attributes of plain dicts keyed by adapter name), create their entries in their own
     ``add_adapter``, and implement ``adapter_state_dict``, ``load_adapter_state_dict`` and
-    ``unwrap``. ``single_active`` modules (a prompt, a prefix) run one adapter at a time.
+    ``unwrap``. ``single_active`` modules (a prompt, a prefix) run one adapter at a time;
+    ``mixes_rows`` modules follow ``row_adapters`` when it is set (see the module docstring).
     """
 
     adapter_tables: ClassVar[dict[str, str]] = {}
     adapter_settings: ClassVar[tuple[str, ...]] = ()
     single_active: ClassVar[bool] = False
+    mixes_rows: ClassVar[bool] = False
     method_label: ClassVar[str] = "adapter"  # how messages name the method
 
     def __init__(self) -> None:
         super().__init__()
         self.active_adapters: list[str] = []
+        self.row_adapters: RowAdapters | None = None
 
     # -- written once for every module kind --------------------------------
     @property

@@ -7,6 +7,9 @@ keeps the original module inside as ``base_layer`` so that ``unwrap()`` gives it
 Training goes through ``LoraFunction``, a hand-written autograd function: the base weight
 is frozen, so its gradient (an (out, in) matrix per layer, as large as the weight) is
 never formed, and the backward keeps only what it needs.
+
+A mixed batch (``row_adapters`` set, inference only) computes the base output of the whole
+batch once and adds each adapter's s · B A x to its own rows only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import lora_scaling
-from .base import AdapterModule
+from .base import AdapterModule, RowAdapters, add_to_rows, take_rows
 
 
 class LoraFunction(torch.autograd.Function):
@@ -108,11 +111,21 @@ def lora_linear(x, weight_io, bias, lora_a, lora_b, scaling: float, keep_mask, k
         return LoraFunction.apply(cast[0], cast[1], cast[2], cast[3], cast[4], scaling, keep_mask, keep_prob)
 
 
+STACKED_UP_TO = 1 << 16
+"""A mixed batch takes ``_add_stacked`` up to this many tokens x (in + out) of a layer."""
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is (a decode step counts calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class LoraLayer(AdapterModule):
     """State shared by every LoRA layer: named adapters, their scaling and dropout, which are
     active and which are merged into the base weight."""
 
     adapter_settings = ("scaling", "dropout")
+    mixes_rows = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -268,6 +281,8 @@ class LoraLinear(LoraLayer):
         return torch.rand_like(x) >= p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._forward_rows(x, self.row_adapters)
         if not self._lora_active():
             return self.base_layer(x)
         if getattr(self.base_layer, "quantized", False):
@@ -298,6 +313,44 @@ class LoraLinear(LoraLayer):
             if name in self.lora_bias:
                 y = y + self.lora_bias[name].to(y.dtype)
         return y
+
+    def _forward_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """W x + b for the whole batch (B, ..., in) in one product, then s · B A x_g + Δb added
+        to the rows x_g of each adapter g, in the same compute dtype as ``lora_linear``."""
+        y = self.base_layer(x)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        groups = [(name, where) for name, where in rows.groups(x.shape[0], x.device) if name in self.lora_A]
+        in_place = y.dtype == dtype and y.is_contiguous()  # then a view of y's rows takes an addmm_
+        if (in_place and len(groups) > 1 and not any(n in self.lora_bias for n, _ in groups)
+                and x.numel() // self.in_features * (self.in_features + self.out_features) <= STACKED_UP_TO):
+            self._add_stacked(x, y, rows, [name for name, _ in groups], dtype)
+            return y
+        for name, where in groups:
+            u = _as(take_rows(x, where).reshape(-1, self.in_features), dtype) @ _as(self.lora_A[name], dtype).t()
+            b_t, s, bias = _as(self.lora_B[name], dtype).t(), self.scaling[name], self.lora_bias.get(name)
+            if isinstance(where, slice) and in_place:
+                y[where].view(-1, self.out_features).addmm_(u, b_t, alpha=s)
+                if bias is not None:
+                    y[where].add_(bias)
+            elif bias is None:
+                add_to_rows(y, where, u @ b_t, alpha=s)
+            else:
+                add_to_rows(y, where, torch.addmm(_as(bias, dtype), u, b_t, alpha=s))
+        return y
+
+    def _add_stacked(self, x: torch.Tensor, y: torch.Tensor, rows: RowAdapters, names: list[str],
+                     dtype: torch.dtype) -> None:
+        """The same sum for a batch of few tokens (a decode step), where calls, not arithmetic, cost:
+        every adapter's A on every row in one product (N, T, ΣR), each row's columns weighted by its
+        own adapter's s and the others' by 0, then one product with the B's side by side."""
+        a, b = rows.stacked(self, names, lambda: (  # once per call: a decode step would redo it
+            torch.cat([_as(self.lora_A[n], dtype) for n in names]),             # (ΣR, in)
+            torch.cat([_as(self.lora_B[n], dtype) for n in names], dim=1)))     # (out, ΣR)
+        columns = tuple((n, self.lora_A[n].shape[0], self.scaling[n]) for n in names)
+        u = _as(x.reshape(x.shape[0], -1, self.in_features), dtype) @ a.t()
+        u.mul_(rows.column_weights(columns, x.shape[0], x.device, dtype)[:, None, :])
+        y.view(-1, self.out_features).addmm_(u.view(-1, a.shape[0]), b.t())
 
     def _apply(self, x, name, weight_io, bias):
         p = self.dropout[name]
@@ -351,13 +404,21 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
+        if self.row_adapters is not None:
+            for name, where in self.row_adapters.groups(ids.shape[0], ids.device):
+                if name in self.lora_embedding_A:
+                    add_to_rows(y, where, self._delta(take_rows(ids, where), name, y.dtype))
+            return y
         if not self._lora_active():
             return y
-        base = self.base_layer
         for name in self.active_adapters:
-            after_a = F.embedding(ids, self.lora_embedding_A[name].t(), base.padding_idx,
-                                  base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            # In the table's dtype: float32 factors on a bfloat16 table must not turn every
-            # later activation into float32.
-            y = y + ((after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(y.dtype)
+            y = y + self._delta(ids, name, y.dtype)
         return y
+
+    def _delta(self, ids: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """s · (B A)ᵀ[ids], (..., dim), in ``dtype``, the table's: float32 factors on a
+        bfloat16 table must not turn every later activation into float32."""
+        base = self.base_layer
+        after_a = F.embedding(ids, self.lora_embedding_A[name].t(), base.padding_idx,
+                              base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return ((after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(dtype)
