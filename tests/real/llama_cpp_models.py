@@ -108,6 +108,19 @@ def train_like_adapter(model, config: LoraConfig, folder: Path, b_std: float = 0
         pm.unload()
 
 
+def save_prompt_adapter(model, folder: Path) -> Path:
+    """A prompt-tuning adapter folder for ``model`` (what no llama.cpp export takes); ``model`` is
+    left as it was."""
+    from peftkit import PromptConfig
+
+    pm = attach(model, PromptConfig(num_virtual_tokens=4))
+    try:
+        pm.save(folder)
+    finally:
+        pm.unload()
+    return folder
+
+
 def relative_size(delta: np.ndarray, logits: np.ndarray) -> float:
     return float(np.linalg.norm(delta[-COMPARED:]) / np.linalg.norm(logits[-COMPARED:]))
 

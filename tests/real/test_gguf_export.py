@@ -25,11 +25,12 @@ pytest.importorskip("llama_cpp")
 transformers = pytest.importorskip("transformers")
 
 from llama_cpp_models import (  # noqa: E402
-    COMPARED, Q4_GGUF, TOKENS, compare, llama_cpp_logits, relative_size, require_smollm2, train_like_adapter)
+    COMPARED, Q4_GGUF, TOKENS, compare, llama_cpp_logits, relative_size, require_smollm2, save_prompt_adapter,
+    train_like_adapter)
 
 require_smollm2()
 
-from peftkit import LoraConfig, PromptConfig, attach  # noqa: E402
+from peftkit import LoraConfig  # noqa: E402
 from peftkit import export as export_module  # noqa: E402
 from peftkit.cli import main  # noqa: E402
 from peftkit.export import ExportError, export_gguf_lora  # noqa: E402
@@ -140,11 +141,7 @@ def _assert_refused(call, out: Path, *fragments: str) -> None:
 
 
 def test_a_prompt_tuning_adapter_is_refused(smollm, base_gguf, tmp_path):
-    pm = attach(smollm, PromptConfig(num_virtual_tokens=4))
-    try:
-        pm.save(tmp_path / "prompt")
-    finally:
-        pm.unload()
+    save_prompt_adapter(smollm, tmp_path / "prompt")
     out = tmp_path / "out" / "prompt.gguf"
     _assert_refused(lambda: export_gguf_lora(tmp_path / "prompt", out, base=base_gguf), out,
                     "PROMPT_TUNING", "only LoRA")

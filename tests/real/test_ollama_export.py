@@ -18,9 +18,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 from chat_templates import CONVERSATION, DROPS_THINKING_TEMPLATE  # noqa: E402
-from llama_cpp_models import Q4_GGUF, require_smollm2  # noqa: E402
+from llama_cpp_models import Q4_GGUF, require_smollm2, save_prompt_adapter  # noqa: E402
 from test_ollama_template import conversations, go_render, jinja, parse_modelfile  # noqa: E402
-from peftkit import PromptConfig, attach  # noqa: E402
 from peftkit.cli import main  # noqa: E402
 from peftkit.doctor.templates import turn_end  # noqa: E402
 from peftkit.export import export_gguf_lora  # noqa: E402
@@ -161,11 +160,7 @@ def test_a_template_that_cannot_be_translated_leaves_nothing(small_adapter, toke
 
 
 def test_an_adapter_llama_cpp_cannot_apply_leaves_nothing(smollm, tokenizer, tmp_path):
-    pm = attach(smollm, PromptConfig(num_virtual_tokens=4))
-    try:
-        pm.save(tmp_path / "prompt")
-    finally:
-        pm.unload()
+    save_prompt_adapter(smollm, tmp_path / "prompt")
     out = tmp_path / "ollama"
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(ValueError, match="only LoRA"):
