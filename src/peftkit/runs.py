@@ -16,7 +16,7 @@ import torch
 
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
-from . import packing
+from . import distributed, packing
 from .model import PeftModel
 from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
@@ -176,14 +176,27 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     checkpoint and is refused when there is none. A run that stops (an exception,
     ``train.NonFiniteError``, a kill) writes no adapter/ and keeps its checkpoints; one that
     stops before its first checkpoint is taken over by the next run into the folder.
-    """
-    from . import data as datamod
-    from .model import attach
 
-    out_dir = Path(out_dir)
+    Under torchrun (``distributed``) every rank calls this with the same arguments and reads
+    the same files (a filesystem all ranks share): ``batch_size`` is each rank's, so a step
+    trains on batch_size x ranks rows. Rank 0 alone claims and writes the folder, logs,
+    evaluates and shows progress; every rank returns once the adapter is written.
+    """
     # Checked again: a field assigned after construction skipped __post_init__.
     options = dataclasses.replace(options)
     precision = options.precision()  # a device that is not there: refused before anything is read
+    device = distributed.rank_device(precision.device, distributed.World.from_env())
+    with distributed.joined(device) as world:
+        return _run(loaded, data_path, config, Path(out_dir), options, resume, progress, preflight,
+                    Precision(device, precision.dtype), world)
+
+
+def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptions, resume: bool, progress: bool,
+         preflight, precision: Precision, world: distributed.World) -> RunSummary:
+    """``run_training`` on this rank of ``world``, on its device."""
+    from . import data as datamod
+    from .model import attach
+
     if config.base_model_name_or_path is None:
         config = dataclasses.replace(config, base_model_name_or_path=loaded.source)
     fmt, records = datamod.read_jsonl(data_path)
@@ -203,11 +216,12 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     # --pack is refused (classification, virtual tokens, a model that cannot) before --out is touched.
     attention = packing.check_packable(train_set, config, loaded.model) if options.pack else None
     torch.manual_seed(options.seed)
+    rows = options.batch_size * world.size  # every rank draws the global batch and trains on its share
     if options.pack:
-        train_batches = packing.PackedBatches(train_set, options.batch_size, options.max_length, loaded.pad_id,
+        train_batches = packing.PackedBatches(train_set, rows, options.max_length, loaded.pad_id,
                                               seed=options.seed, attention=attention)
     else:
-        train_batches = datamod.EpochBatches(train_set, options.batch_size, loaded.pad_id, seed=options.seed)
+        train_batches = datamod.EpochBatches(train_set, rows, loaded.pad_id, seed=options.seed)
     eval_batches = datamod.batches(eval_set, options.batch_size, loaded.pad_id, shuffle=False) if eval_set.examples else []
     if options.steps is not None:
         steps = options.steps
@@ -225,7 +239,10 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
                 "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
     defaults = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in NOT_IDENTITY}
-    with contextlib.closing(claim_out_dir(out_dir, identity, defaults, resume)):
+    # Rank 0 claims the folder; the others start once it is claimed and cleaned.
+    claim = claim_out_dir(out_dir, identity, defaults, resume) if world.is_main else None
+    distributed.barrier(world)
+    with contextlib.closing(claim) if claim is not None else contextlib.nullcontext():
         place(loaded.model, precision.device, precision.dtype)
         if options.quantize is not None:
             from .quantize import quantize_base
@@ -235,14 +252,17 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(pm)
         trainable, total = pm.parameter_counts()
-        eval_before = evaluate(pm, eval_batches, progress, "held-out, before") if eval_batches else {}
+        progress = progress and world.is_main
+        scored = eval_batches if world.is_main else []  # the model is the same on every rank
+        eval_before = evaluate(pm, scored, progress, "held-out, before") if scored else {}
         checkpoints = out_dir / CHECKPOINTS
         resumed_from = 0
         if resume:  # _claim_out_dir made sure that there is a checkpoint
             resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
-            rewrite_log(out_dir / LOG_FILE, resumed_from)
+            if world.is_main:
+                rewrite_log(out_dir / LOG_FILE, resumed_from)
 
-        with (out_dir / LOG_FILE).open("a") as log:
+        with (out_dir / LOG_FILE).open("a") if world.is_main else contextlib.nullcontext() as log:
             def write_log(record: dict) -> None:
                 if options.eval_every and eval_batches and record["step"] % options.eval_every == 0:
                     # In eval mode, so no dropout draws: the run's random stream is unchanged.
@@ -254,10 +274,14 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
             result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
                            grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                            checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
-                           resume=resume, on_step=write_log, preflight=preflight,
-                           lora_plus_ratio=options.lora_plus_ratio, max_grad_norm=options.max_grad_norm)
-        eval_after = evaluate(pm, eval_batches, progress, "held-out, after") if eval_batches else {}
-        adapter_dir = pm.save(out_dir / ADAPTER, chat_template=dataset.chat_template)
+                           resume=resume, on_step=write_log if world.is_main else None, preflight=preflight,
+                           lora_plus_ratio=options.lora_plus_ratio, max_grad_norm=options.max_grad_norm,
+                           world=world)
+        eval_after = evaluate(pm, scored, progress, "held-out, after") if scored else {}
+        if world.is_main:
+            pm.save(out_dir / ADAPTER, chat_template=dataset.chat_template)
+        distributed.barrier(world)  # the adapter is on disk when any rank returns
+        adapter_dir = out_dir / ADAPTER
     return RunSummary(
         method=config.peft_type, trainable_params=trainable, total_params=total,
         train_examples=len(train_set), eval_examples=len(eval_set), steps=steps,

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import registry
+from . import distributed, registry
 from .config import PeftConfig
 from .data import EpochBatches
+from .distributed import SINGLE, World
 from .model import PeftModel
 from .precision import Precision
 from .validate import flag, number, positive_int
@@ -147,9 +148,10 @@ def _checkpoint_paths(directory: Path) -> list[Path]:
 
 
 def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, scheduler, result: "TrainResult",
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, world: World = SINGLE) -> Path:
     """Trainable weights (safetensors) + optimizer, scheduler, RNG states and step, written
-    into a temporary folder and renamed, so a kill at any moment leaves whole checkpoints."""
+    into a temporary folder and renamed, so a kill at any moment leaves whole checkpoints.
+    It records the world size: a run on several ranks resumes on as many."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=directory))
@@ -164,6 +166,7 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
         "losses": result.losses, "tokens": result.tokens, "skipped_steps": result.skipped_steps,
         # float16's loss scale, grown and cut by the run so far: a resumed run continues from it.
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "world_size": world.size,
     }
     torch.save(state, staging / "state.pt")
     for f in staging.iterdir():
@@ -176,7 +179,14 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
 
 
 def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult",
-                        scaler: torch.amp.GradScaler | None = None) -> int:
+                        scaler: torch.amp.GradScaler | None = None, world: World = SINGLE) -> int:
+    # Our own file, still read without unpickling arbitrary objects.
+    state = torch.load(path / "state.pt", weights_only=True)
+    ranks = int(state.get("world_size", 1))
+    if ranks != world.size:  # the global batch, and so every step, depends on the rank count
+        again = f"--nproc {ranks}" if ranks > 1 else "a single process (no --nproc, no torchrun)"
+        raise distributed.DistributedError(f"checkpoint {path} was trained on {ranks} rank(s) and this run has "
+                                           f"{world.size}; resume with {again}.")
     params = trainable_parameters(model)
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
@@ -185,8 +195,6 @@ def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, resu
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    # Our own file, still read without unpickling arbitrary objects.
-    state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -265,7 +273,7 @@ def _label_count(batch: dict) -> int:
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], precision: Precision | None = None,
-                         scaler: torch.amp.GradScaler | None = None) -> float:
+                         scaler: torch.amp.GradScaler | None = None, world: World = SINGLE) -> float:
     """Forward and backward over one optimizer step's micro-batches; return the step's loss.
 
     Each micro-batch is moved to the model's device and run under ``precision``'s autocast
@@ -279,23 +287,39 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
     (transformers, torchtune and mlx-lm normalise over the step's tokens for this reason).
     A micro-batch with no label token adds nothing and is not run (its mean would be 0/0).
     Raises ``_NonFiniteLoss`` before the backward of a non-finite loss.
+
+    On several ranks (``world``; ``model`` in DDP) the micro-batches are the global ones and
+    each rank runs its rows (``distributed.rank_rows``); N counts the global step's tokens, and
+    a rank's n_i / N is multiplied by the world size because DDP averages the ranks'
+    gradients. Every rank runs every micro-batch, one without label tokens too (a zero loss
+    of its logits), so each joins the all-reduce of the step's last backward. The loss
+    returned is the global step's.
     """
     precision = precision or Precision.of(model)
     counts = [_label_count(batch) for batch in micro_batches]
     total = sum(counts)
     step_loss = 0.0
     for index, (batch, count) in enumerate(zip(micro_batches, counts)):
-        if count == 0:
+        if world.active:
+            batch = distributed.rank_rows(batch, world)
+            count = _label_count(batch)
+        elif count == 0:
             continue
-        with precision.autocast():
-            loss = model(**precision.move(batch)).loss
-        value = loss.item()
-        if not math.isfinite(value):
-            raise _NonFiniteLoss(index, value)
-        weighted = loss * (count / total)
-        (weighted if scaler is None else scaler.scale(weighted)).backward()
+        with distributed.sync_unless(model, skip=index < len(micro_batches) - 1):
+            if count == 0:
+                with precision.autocast():
+                    logits = model(**precision.move({k: v for k, v in batch.items() if k != "labels"})).logits
+                (logits.float().sum() * 0.0).backward()
+                continue
+            with precision.autocast():
+                loss = model(**precision.move(batch)).loss
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _NonFiniteLoss(index, value)
+            weighted = loss * (count / total * world.size)
+            (weighted if scaler is None else scaler.scale(weighted)).backward()
         step_loss += value * count / total
-    return step_loss
+    return distributed.all_sum(step_loss, world)
 
 
 def _gradient_norm(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
@@ -331,7 +355,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
           on_step: Callable[[dict], None] | None = None,
           preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
           param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO,
-          max_grad_norm: float = MAX_GRAD_NORM) -> TrainResult:
+          max_grad_norm: float = MAX_GRAD_NORM, world: World = SINGLE) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches``: ``data.EpochBatches`` (reshuffled each epoch, as ``peftkit train`` uses) or a
     list of batches, cycled in order. A batch is a dict of model keyword arguments with ``labels``.
@@ -357,6 +381,13 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     or a gradient that is NaN or infinite raises ``NonFiniteError`` before the optimizer
     applies it: the model keeps the weights of the step before, the checkpoints on disk stay,
     and neither ``on_step`` nor a checkpoint sees the failed step.
+
+    ``world`` (``distributed.World``, torchrun's ranks, process group started): each step's
+    micro-batches are global batches and each rank trains on its rows in DDP, with the step's
+    gradient that of one process on the global batch (``accumulate_gradients``). ``preflight``
+    runs on rank 0 and its verdict reaches every rank (``distributed.agree``); checkpoints are
+    written by rank 0 and record the world size; the caller passes ``on_step`` and
+    ``progress`` to rank 0 only. Each rank draws its dropout from (seed, step, rank).
     """
     _check_train_arguments(batches, steps, lr, warmup_ratio, weight_decay, grad_accum, checkpoint_every,
                            resume, lora_plus_ratio, param_groups)
@@ -389,12 +420,15 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
         raise ValueError("a float16 base trains with a gradient scaler, which needs float32 trainable weights, but "
                          "some are float16 (--adapter-dtype float16 or base, or a classifier head trained in full "
                          "on a float16 base); pass --adapter-dtype float32, or --dtype bfloat16 or float32.")
+    seed = torch.initial_seed()  # the run's, before a checkpoint's generator state replaces it
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result,
-                                         scaler)
+                                         scaler, world)
     if preflight is not None:
-        preflight(model, optimizer, precision.move(_micro_batch(batches, first_step * grad_accum)))
+        first = _micro_batch(batches, first_step * grad_accum)
+        distributed.agree(world, lambda: preflight(model, optimizer, precision.move(first)))
+    forward = distributed.wrap(model, world, precision.device)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     owners = _gradient_owners(model)
     lora_plus = "lora_B" in result.rates
@@ -405,8 +439,10 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
                disable=not progress, dynamic_ncols=True)
     for step in bar:
         micro_batches = [_micro_batch(batches, step * grad_accum + micro) for micro in range(grad_accum)]
+        if world.active:
+            torch.manual_seed(distributed.step_seed(seed, step, world))
         try:
-            step_loss = accumulate_gradients(model, micro_batches, precision, scaler)
+            step_loss = accumulate_gradients(forward, micro_batches, precision, scaler, world)
         except _NonFiniteLoss as e:
             optimizer.zero_grad(set_to_none=True)
             raise _stop(f"the loss of micro-batch {e.index + 1} of {grad_accum} is {e.value}", step + 1,
@@ -453,7 +489,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                      "tokens": result.tokens, "seconds": elapsed, **({"skipped": True} if bad else {})})
         if checkpoints is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler)
+            if world.is_main:
+                save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler, world)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result

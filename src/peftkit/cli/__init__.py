@@ -26,10 +26,12 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _plain_warning
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(build_parser(), argv)
     except ConfigError as e:  # before anything is loaded or written
         return _fail(str(e))
+    args.argv = argv  # train --nproc runs the same command again on every rank
     return args.func(args)
 
 

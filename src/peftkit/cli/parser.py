@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="recompute each block's activations in backward: far less memory, ~30%% more time")
     hardware.add_argument("--quantize", choices=["nf4"],
                           help="keep the frozen base's linear weights in 4-bit NF4 (QLoRA); needs bitsandbytes")
+    hardware.add_argument("--nproc", type=int, metavar="N",
+                          help="train data-parallel on N ranks of this machine (starts torchrun: one rank per GPU, "
+                               "or per core with --device cpu); --batch-size is each rank's. Under torchrun, leave "
+                               "it out")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")
     lora = train.add_argument_group("LoRA (--method lora)")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
+from .. import distributed
 from ..validate import InvalidValue
 from .output import _fail, _human_bytes, _table
 from .run_config import set_by
@@ -109,6 +111,8 @@ def _doctor_preflight(model, optimizer, batch, *, tokenizer=None, train_on: str 
 
     report = doctor(model, optimizer=optimizer, batch=batch, tokenizer=tokenizer, train_on=train_on)
     if not report.ok:
+        # Said here, before the verdict reaches the other ranks and they exit.
+        print(f"peftkit doctor stopped the run before the first step:\n{report}", file=sys.stderr)
         raise PreflightFailed(str(report))
     for finding in report.warnings:
         print(f"doctor warning {finding.id} at {finding.where}: {finding.message} Fix: {finding.fix}", file=sys.stderr)
@@ -137,6 +141,13 @@ def _rate_split(rates: dict[str, float]) -> str:
         parts.append(f"trained in full {rates['modules_to_save']:.2g}")
     return f" ({'; '.join(parts)})" if parts else ""
 
+def _fail_on(world: distributed.World, message: str) -> int:
+    """``_fail``, naming the rank when there are several: each prints its own error."""
+    if not world.active:
+        return _fail(message)
+    print(f"rank {world.rank}: error: {message}", file=sys.stderr)
+    return 2
+
 def cmd_train(args: argparse.Namespace) -> int:
     """`peftkit train`: exit 0 when the adapter is written.
 
@@ -148,6 +159,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     Exit 1 when the run itself stopped: the doctor's pre-flight found an error, or a loss or
     gradient became NaN or infinite (one ``error:`` line naming the step and the parameter
     group; the last good checkpoint is kept and no adapter is written).
+
+    ``--nproc N`` (N > 1) runs the same command on N ranks under torchrun and returns its exit
+    code; under torchrun each rank runs this, errors are prefixed with the rank ("rank 1:
+    error: ..."), an unexpected one exits 1 with its traceback, and rank 0 prints the summary.
     """
     from ..data import DataError, read_jsonl
     from ..formats.adapter_folder import AdapterFileError
@@ -157,6 +172,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..runs import RunFolderError, RunOptions, run_training
     from ..train import NonFiniteError
     from ..validate import InvalidValue
+
+    world = distributed.World.from_env()
+
+    def fail(message: str) -> int:
+        return _fail_on(world, message)
 
     given = {"lora_plus_ratio": args.lora_plus_ratio} if args.lora_plus_ratio is not None else {}
     try:  # first: a number out of range is refused before the model is loaded
@@ -172,9 +192,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if options.quantize is not None:
             check_scheme(options.quantize)  # bitsandbytes missing: refused before the model is read
     except InvalidValue as e:  # each RunOptions field is set by the option of its name
-        return _fail(f"{e} (set by {set_by(args, e.field)})")
+        return fail(f"{e} (set by {set_by(args, e.field)})")
     except (PrecisionError, QuantizeError) as e:
-        return _fail(str(e))
+        return fail(str(e))
+    if args.nproc is not None and not distributed.launched(args.nproc):
+        try:
+            distributed.check_nproc(args.nproc, precision.device)
+        except distributed.DistributedError as e:
+            return fail(str(e))
+        if args.nproc > 1:  # the console script's own arguments, run again by every rank
+            return distributed.launch(args.nproc, args.argv)
     try:
         fmt, records = read_jsonl(args.data)
         task = "classification" if fmt == "classification" else "causal-lm"
@@ -185,14 +212,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress,
                                preflight=_preflight_for(loaded, fmt, options.train_on))
-    except PreflightFailed as e:
-        print(f"peftkit doctor stopped the run before the first step:\n{e}", file=sys.stderr)
+    except (PreflightFailed, distributed.StoppedByRank):  # the doctor's report is printed (on rank 0)
         return 1
     except NonFiniteError as e:
-        _fail(str(e))
+        fail(str(e))
         return 1  # the run started and failed, unlike a refused input (2)
     except (DataError, ModelLoadError, RunFolderError, AdapterFileError, ValueError) as e:
-        return _fail(str(e))
+        return fail(str(e))
+    except Exception as e:  # on several ranks, say which one failed; torchrun then stops the others
+        if not world.active:
+            raise
+        traceback.print_exc()
+        print(f"rank {world.rank}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if not world.is_main:
+        return 0
     share = 100 * summary.trainable_params / summary.total_params
     rows = [
         ("method", summary.method),

@@ -1,0 +1,236 @@
+"""Data-parallel training across the processes torchrun starts: PyTorch's own engine
+(``torch.distributed``, ``DistributedDataParallel``), nothing home-made on the wire.
+
+Every rank builds the same global batch from the same seed and trains on its contiguous
+share of the rows (``rank_rows``), so the shards are disjoint and together cover every
+example of the epoch. DDP all-reduces (averages) the adapter gradients; ``train`` weights
+rank r's micro-batch loss by n_r / N * world_size, N the label tokens of the whole global
+step, so the step's gradient is the one a single process computes on the global batch.
+Only rank 0 writes (run folder, log, checkpoints, adapter); the others wait at barriers.
+
+Outside torchrun (no WORLD_SIZE in the environment) the world is one rank and nothing here
+does anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# Set by ``launch`` in the workers' environment: their --nproc is the launcher's, not a request
+# to launch again.
+LAUNCHED = "PEFTKIT_LAUNCHED_NPROC"
+
+
+class DistributedError(ValueError):
+    """A data-parallel setup that cannot run: more ranks than devices, a device kind with no
+    backend, --nproc under torchrun, a checkpoint of another rank count."""
+
+
+class StoppedByRank(Exception):
+    """Raised on the other ranks when ``rank`` stopped the run before the first step (the
+    doctor's pre-flight); ``rank`` itself raised, and reported, the error."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"rank {rank} stopped the run: {message}")
+        self.rank, self.message = rank, message
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks: torchrun's RANK, WORLD_SIZE and LOCAL_RANK."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "World":
+        env = os.environ if env is None else env
+        if "WORLD_SIZE" not in env:
+            return cls()
+        rank = int(env["RANK"])
+        return cls(rank, int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", rank)))
+
+
+SINGLE = World()
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """The device of this rank: on CUDA the GPU of its local rank; CPU ranks share the CPU."""
+    if not world.active or device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DistributedError(f"training on several ranks runs on CUDA (NCCL) or the CPU (gloo), not {device.type}; "
+                               "pass --device cuda or --device cpu.")
+    if world.local_rank >= torch.cuda.device_count():
+        raise DistributedError(f"local rank {world.local_rank} has no GPU: this machine has "
+                               f"{torch.cuda.device_count()}; start at most that many ranks per node.")
+    return torch.device("cuda", world.local_rank)
+
+
+@contextlib.contextmanager
+def joined(device: torch.device) -> Iterator[World]:
+    """The world of this process, its process group started for ``device`` (NCCL on CUDA,
+    gloo on the CPU) when torchrun started several ranks, and ended when the run ends well
+    (after a failure the process exits and torchrun stops the others)."""
+    world = World.from_env()
+    if not world.active or dist.is_initialized():
+        yield world
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    yield world
+    dist.destroy_process_group()
+
+
+def _wire() -> torch.device:
+    """Where a collective's tensors live: NCCL moves CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def share(rows: int, world: World) -> tuple[int, int]:
+    """[start, stop) of this rank's rows among ``rows``: contiguous, the first rows % size
+    ranks one row more than the others."""
+    base, extra = divmod(rows, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return start, start + base + (world.rank < extra)
+
+
+def rank_rows(batch: dict, world: World) -> dict:
+    """This rank's share (``share``) of a global batch: every tensor whose first dimension is
+    the rows is cut, anything else (``use_cache``) kept. A rank left without rows (an epoch's
+    last batch, shorter than the world) gets the first row with every label masked: it has
+    no loss, but still runs forward and backward, so it joins the gradient all-reduce."""
+    if not world.active:
+        return batch
+    rows = len(batch["labels"])
+    start, stop = share(rows, world)
+    empty = start == stop
+    if empty:
+        start, stop = 0, 1
+    mine = {key: value[start:stop] if isinstance(value, torch.Tensor) and value.dim() and len(value) == rows
+            else value for key, value in batch.items()}
+    if empty:
+        mine["labels"] = torch.full_like(mine["labels"], -100)
+    return mine
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel on several ranks (itself on one). DDP reduces only
+    the parameters that require grad, the adapters'; the frozen base is never communicated.
+    Buffers (rotary tables) are constants, so they are not broadcast at every forward."""
+    if not world.active:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def sync_unless(model: torch.nn.Module, skip: bool):
+    """``model.no_sync()`` when ``skip`` (the micro-batches of a step before its last: their
+    gradients accumulate locally and the last backward all-reduces the sum)."""
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+
+def all_sum(value: float, world: World) -> float:
+    """``value`` summed over the ranks."""
+    if not world.active:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_wire())
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def step_seed(seed: int, step: int, world: World) -> int:
+    """The seed of ``step`` on this rank (dropout): a function of the run's seed, the step and
+    the rank, so ranks draw different masks and a resumed run needs no generator state of
+    the other ranks."""
+    return ((seed * 1_000_003 + step) * world.size + world.rank) % 2**64
+
+
+def agree(world: World, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and give its verdict to every rank: when it raises, rank 0
+    re-raises its error and every other rank raises ``StoppedByRank`` with its message.
+    The verdict travels as a status and a byte tensor, never a pickle."""
+    if not world.active:
+        check()
+        return
+    failure, message = None, b""
+    if world.is_main:
+        try:
+            check()
+        except Exception as e:  # any error of the check stops every rank
+            failure, message = e, (str(e) or type(e).__name__).encode()
+    head = torch.tensor([failure is not None, len(message)], dtype=torch.int64, device=_wire())
+    dist.broadcast(head, 0)
+    if not head[0]:
+        return
+    text = torch.tensor(list(message), dtype=torch.uint8, device=_wire()) if world.is_main else \
+        torch.empty(int(head[1]), dtype=torch.uint8, device=_wire())
+    dist.broadcast(text, 0)
+    if failure is not None:
+        raise failure
+    raise StoppedByRank(0, bytes(text.cpu().tolist()).decode(errors="replace"))
+
+
+def check_nproc(nproc: int, device: torch.device) -> None:
+    """Refuse a --nproc this machine cannot run: more ranks than GPUs (CUDA) or cores (CPU),
+    or --nproc inside a torchrun that started this process."""
+    if nproc < 1:
+        raise DistributedError(f"--nproc must be at least 1, got {nproc}.")
+    if "WORLD_SIZE" in os.environ:
+        raise DistributedError("--nproc starts torchrun, but this process is already one of torchrun's ranks; "
+                               "leave --nproc out under torchrun (its --nproc-per-node sets the ranks).")
+    if device.type == "cuda":
+        count, what = torch.cuda.device_count(), "CUDA GPU(s)"
+    elif device.type == "cpu":
+        count, what = os.cpu_count() or 1, "CPU core(s)"
+    else:
+        raise DistributedError(f"--nproc runs ranks on CUDA or the CPU, not {device.type}; pass --device cuda or cpu.")
+    if nproc > count:
+        raise DistributedError(f"--nproc {nproc} is more ranks than this machine's {count} {what}; "
+                               f"pass --nproc {count} or fewer.")
+
+
+def launched(nproc: int) -> bool:
+    """Whether ``launch`` started this process as one of ``nproc`` ranks (its --nproc is in effect)."""
+    return os.environ.get(LAUNCHED) == str(nproc) and "WORLD_SIZE" in os.environ
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``peftkit <argv>`` without its --nproc on ``nproc`` ranks of this machine under torchrun
+    (a standalone rendezvous on a free port, no restarts: a failed rank ends the run); its
+    exit code. (torchrun's own parser would take a --nproc left in for its --nproc-per-node.)"""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        else:
+            kept.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "--max-restarts", "0", "-m", "peftkit", *kept]
+    return subprocess.call(command, env={**os.environ, LAUNCHED: str(nproc)})
