@@ -66,14 +66,16 @@ def load_adapter_tensors(model: PeftModel, name: str, tensors: dict[str, torch.T
     model.load_adapter_state(name, {path: module_tensors(tensors, path, input_side) for path in modules}, tensors)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, name: str, chat_template: str | None = None) -> Path:
+def save_adapter(model: PeftModel, directory: str | Path, name: str, chat_template: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` (adapter weights only, and the
-    chat template the data was rendered with when given)."""
+    chat template the data was rendered with when given). ``tensors`` (``adapter_tensors``'
+    keys) replaces the model's own: a sharded model's, gathered into plain tensors."""
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.configs)}.")
     config = model.configs[name]
     data = registry.method_for(config).to_file(config, _facts(model, name))
-    return write_adapter(directory, data, adapter_tensors(model, name), chat_template)
+    return write_adapter(directory, data, adapter_tensors(model, name) if tensors is None else tensors, chat_template)
 
 
 # -- loading --------------------------------------------------------------------------

@@ -234,3 +234,104 @@ def launch(nproc: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "--max-restarts", "0", "-m", "peftkit", *kept]
     return subprocess.call(command, env={**os.environ, LAUNCHED: str(nproc)})
+
+
+# -- FSDP2: the base sharded over the ranks (``--fsdp``) -----------------------------------
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of ``model``: the children of its largest ``nn.ModuleList``
+    (a decoder's or encoder's layers), the unit FSDP2 gathers one at a time; [] when it has none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(largest)
+
+
+FSDP_ON_ONE_RANK = ("--fsdp shards the base over several ranks, and this run has one; pass --nproc N (N > 1) "
+                    "or start it under torchrun, or leave --fsdp out.")
+
+
+def check_shardable(model: torch.nn.Module, world: World, quantized: bool = False) -> None:
+    """Refuse an FSDP2 run that cannot shard: one rank, a 4-bit base (bitsandbytes' packed
+    weights are no DTensor), a prompt or prefix (its encoder sits outside the blocks, in
+    front of the embeddings), a model without a list of blocks."""
+    from .model import PeftModel
+
+    if world.size < 2:
+        raise DistributedError(FSDP_ON_ONE_RANK)
+    if quantized:
+        raise DistributedError("--fsdp cannot shard a 4-bit NF4 base (--quantize nf4); leave one of them out.")
+    if isinstance(model, PeftModel) and model.input_adapters:
+        raise DistributedError("--fsdp shards LoRA and bottleneck adapters, not a prompt or prefix (its encoder "
+                               "sits in front of the blocks); train it without --fsdp (plain data parallel).")
+    if not blocks(model):
+        raise DistributedError(f"--fsdp found no list of blocks in {type(model).__name__} to shard; "
+                               "train it without --fsdp.")
+
+
+def shard(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """``model`` sharded in place with FSDP2 (``fully_shard``): each block, then the root
+    (embeddings, norm, head, what is left). Every parameter becomes a DTensor holding this
+    rank's rows; a block's are gathered for its forward and backward only. The gradients are
+    reduce-scattered and averaged over the ranks, as DDP averages them, so ``train``'s loss
+    weights hold unchanged. Build the optimizer after this: it must hold the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a sharded one (gathered from every rank: every rank calls this, in the
+    same order); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (no communication); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _dcp_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # The base is the model's own, never a checkpoint's: loading leaves it (strict=False), and
+    # dcp.load has already refused a checkpoint that lacks one of the trainable tensors.
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def save_sharded(folder, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The trainable weights and the optimizer's state into ``folder`` with
+    ``torch.distributed.checkpoint``: each rank writes its shards (every rank calls this).
+    The files are keyed by parameter name, not by rank, so they load on any rank count."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_dcp_options())
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``save_sharded``'s reverse, resharded onto this run's ranks (every rank calls this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_dcp_options())
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_dcp_options(strict=False))

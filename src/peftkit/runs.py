@@ -16,7 +16,7 @@ import torch
 
 from .checkpointing import enable_gradient_checkpointing
 from .config import PeftConfig
-from . import distributed, packing
+from . import adapter_files, distributed, packing
 from .model import PeftModel
 from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
 from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
@@ -67,6 +67,7 @@ class RunOptions:
     train_on: str = "assistant"  # conversations: loss on every assistant turn, the last one, or all tokens
     add_eos: bool = True  # {text} and {prompt, completion} examples end with the tokenizer's EOS
     pack: bool = False  # several examples per row of max_length, no attention across them
+    fsdp: bool = False  # several ranks: the base sharded over them with FSDP2, not copied on each (DDP)
 
     def __post_init__(self) -> None:
         owner = "RunOptions"
@@ -99,6 +100,9 @@ class RunOptions:
         one_of(owner, "train_on", self.train_on, TRAIN_ON)
         flag(owner, "add_eos", self.add_eos)
         flag(owner, "pack", self.pack)
+        flag(owner, "fsdp", self.fsdp)
+        if self.fsdp and self.quantize is not None:
+            raise InvalidValue(owner, "fsdp", "False with quantize (FSDP2 cannot shard a 4-bit NF4 base)", self.fsdp)
 
     def precision(self) -> Precision:
         """The device and the base's dtype, checked against this machine (``PrecisionError``)."""
@@ -251,9 +255,13 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
         pm = attach(loaded.model, config, adapter_dtype=options.adapter_torch_dtype())
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(pm)
+        if options.fsdp:
+            distributed.check_shardable(pm, world)
         trainable, total = pm.parameter_counts()
         progress = progress and world.is_main
         scored = eval_batches if world.is_main else []  # the model is the same on every rank
+        # Sharded (train shards it), every forward gathers each block from every rank: all evaluate.
+        scored_after = eval_batches if options.fsdp else scored
         eval_before = evaluate(pm, scored, progress, "held-out, before") if scored else {}
         checkpoints = out_dir / CHECKPOINTS
         resumed_from = 0
@@ -268,18 +276,23 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
                     # In eval mode, so no dropout draws: the run's random stream is unchanged.
                     held_out = evaluate(pm, eval_batches)
                     record = {**record, "eval_loss": held_out["loss"], "eval_accuracy": held_out["accuracy"]}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
 
             result = train(pm, train_batches, steps=steps, lr=options.lr, warmup_ratio=options.warmup_ratio,
                            grad_accum=options.grad_accum, progress=progress, desc=f"{config.peft_type.lower()}",
                            checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
-                           resume=resume, on_step=write_log if world.is_main else None, preflight=preflight,
-                           lora_plus_ratio=options.lora_plus_ratio, max_grad_norm=options.max_grad_norm,
-                           world=world)
-        eval_after = evaluate(pm, scored, progress, "held-out, after") if scored else {}
+                           resume=resume, on_step=write_log if world.is_main or options.fsdp else None,
+                           preflight=preflight, lora_plus_ratio=options.lora_plus_ratio,
+                           max_grad_norm=options.max_grad_norm, world=world, fsdp=options.fsdp)
+        eval_after = evaluate(pm, scored_after, progress, "held-out, after") if scored_after else {}
+        tensors = None
+        if options.fsdp:  # every rank sends its shards; rank 0 writes plain tensors, the ordinary folder
+            tensors = {key: distributed.full(t).cpu()
+                       for key, t in adapter_files.adapter_tensors(pm, pm.active_adapter).items()}
         if world.is_main:
-            pm.save(out_dir / ADAPTER, chat_template=dataset.chat_template)
+            adapter_files.save_adapter(pm, out_dir / ADAPTER, pm.active_adapter, dataset.chat_template, tensors)
         distributed.barrier(world)  # the adapter is on disk when any rank returns
         adapter_dir = out_dir / ADAPTER
     return RunSummary(

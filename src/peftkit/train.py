@@ -147,18 +147,43 @@ def _checkpoint_paths(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+SHARDED = "sharded"  # a checkpoint's folder of torch.distributed.checkpoint files (--fsdp)
+
+
 def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, scheduler, result: "TrainResult",
-                    scaler: torch.amp.GradScaler | None = None, world: World = SINGLE) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, world: World = SINGLE,
+                    global_rows: int | None = None) -> Path:
     """Trainable weights (safetensors) + optimizer, scheduler, RNG states and step, written
     into a temporary folder and renamed, so a kill at any moment leaves whole checkpoints.
-    It records the world size: a run on several ranks resumes on as many."""
-    directory.mkdir(parents=True, exist_ok=True)
+    It records the world size: a run on several ranks resumes on as many.
+
+    A model sharded with FSDP2 (``distributed.shard``) keeps its weights and optimizer in
+    ``sharded/`` (``torch.distributed.checkpoint``, written by every rank, which must all call
+    this), so it resumes on any rank count with the same global batch; rank 0 writes the rest
+    and renames the folder once every rank's shards are written."""
+    sharded = distributed.is_sharded(model)
     final = directory / f"{CHECKPOINT_PREFIX}{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=directory))
-    weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
-    save_file(weights, str(staging / "trainable.safetensors"))
+    if not sharded and not world.is_main:
+        return final
+    if sharded:  # one name that every rank knows; a killed run's leftover is replaced
+        staging = directory / f".partial-{final.name}"
+        if world.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        distributed.barrier(world)
+        distributed.save_sharded(staging / SHARDED, model, optimizer)  # returns once every rank has written
+        if not world.is_main:
+            return final
+        optimizer_state = None
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=directory))
+        weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
+        save_file(weights, str(staging / "trainable.safetensors"))
+        optimizer_state = optimizer.state_dict()
     state = {
-        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         # Dropout on a GPU draws from the device's own generator: without it a resumed run diverges.
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -166,36 +191,56 @@ def save_checkpoint(directory: Path, step: int, model: PeftModel, optimizer, sch
         "losses": result.losses, "tokens": result.tokens, "skipped_steps": result.skipped_steps,
         # float16's loss scale, grown and cut by the run so far: a resumed run continues from it.
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "world_size": world.size,
+        "world_size": world.size, "sharded": sharded,
+        "global_rows": global_rows,  # a sharded run may resume on other ranks with as many
     }
     torch.save(state, staging / "state.pt")
-    for f in staging.iterdir():
-        with f.open("rb") as handle:
-            os.fsync(handle.fileno())
+    for f in staging.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
     os.replace(staging, final)
     for old in _checkpoint_paths(directory)[:-1]:
         shutil.rmtree(old)
     return final
 
 
-def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult",
-                        scaler: torch.amp.GradScaler | None = None, world: World = SINGLE) -> int:
+def _checkpoint_state(path: Path, model: torch.nn.Module, world: World, global_rows: int | None) -> dict:
+    """A checkpoint's state.pt, refused when this run cannot continue it: another rank count
+    (the global batch, and so every step, depends on it) unless both are sharded with the
+    same global batch (torch.distributed.checkpoint reshards), or sharded against not."""
     # Our own file, still read without unpickling arbitrary objects.
     state = torch.load(path / "state.pt", weights_only=True)
-    ranks = int(state.get("world_size", 1))
-    if ranks != world.size:  # the global batch, and so every step, depends on the rank count
+    ranks, sharded = int(state.get("world_size", 1)), bool(state.get("sharded", False))
+    if sharded != distributed.is_sharded(model):
+        was, now = ("with", "without") if sharded else ("without", "with")
+        raise distributed.DistributedError(f"checkpoint {path} was written {was} --fsdp and this run is {now} it; "
+                                           f"resume {was} --fsdp.")
+    if sharded and ranks != world.size and state.get("global_rows") == global_rows:
+        return state
+    if ranks != world.size:
         again = f"--nproc {ranks}" if ranks > 1 else "a single process (no --nproc, no torchrun)"
         raise distributed.DistributedError(f"checkpoint {path} was trained on {ranks} rank(s) and this run has "
                                            f"{world.size}; resume with {again}.")
-    params = trainable_parameters(model)
-    saved = load_file(str(path / "trainable.safetensors"))
-    if set(saved) != set(params):
-        raise ValueError(f"checkpoint {path} was written for other trainable parameters; "
-                         "resume with the same model, method and options.")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _restore_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, result: "TrainResult",
+                        scaler: torch.amp.GradScaler | None = None, world: World = SINGLE,
+                        global_rows: int | None = None) -> int:
+    state = _checkpoint_state(path, model, world, global_rows)
+    if state.get("sharded", False):
+        distributed.load_sharded(path / SHARDED, model, optimizer)
+    else:
+        params = trainable_parameters(model)
+        saved = load_file(str(path / "trainable.safetensors"))
+        if set(saved) != set(params):
+            raise ValueError(f"checkpoint {path} was written for other trainable parameters; "
+                             "resume with the same model, method and options.")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -331,10 +376,11 @@ def _gradient_norm(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(()), []
-    total = torch.nn.utils.get_total_norm(grads)
+    # Of sharded gradients (FSDP2), the norm of the whole: every rank's shards together.
+    total = distributed.full(torch.nn.utils.get_total_norm(grads))
     if bool(torch.isfinite(total)):
         return total, []
-    return total, [p for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return total, [p for p in params if p.grad is not None and not bool(torch.isfinite(distributed.local(p.grad)).all())]
 
 
 def _stop(what: str, step: int, where: str, checkpoints: Path | None, lora_plus: bool) -> NonFiniteError:
@@ -355,7 +401,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
           on_step: Callable[[dict], None] | None = None,
           preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
           param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO,
-          max_grad_norm: float = MAX_GRAD_NORM, world: World = SINGLE) -> TrainResult:
+          max_grad_norm: float = MAX_GRAD_NORM, world: World = SINGLE, fsdp: bool = False) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches``: ``data.EpochBatches`` (reshuffled each epoch, as ``peftkit train`` uses) or a
     list of batches, cycled in order. A batch is a dict of model keyword arguments with ``labels``.
@@ -388,20 +434,48 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     runs on rank 0 and its verdict reaches every rank (``distributed.agree``); checkpoints are
     written by rank 0 and record the world size; the caller passes ``on_step`` and
     ``progress`` to rank 0 only. Each rank draws its dropout from (seed, step, rank).
+
+    ``fsdp=True`` (several ranks) shards the model with FSDP2 (``distributed.shard``) in
+    place of DDP, after the pre-flight (which runs on rank 0's whole model, with the groups
+    of the optimizer to be) and before the optimizer is built; checkpoints go through
+    ``torch.distributed.checkpoint`` and resume on any rank count with the same global batch.
+    The model stays sharded: the caller evaluates it on every rank (each forward gathers
+    every block) and saves it with ``distributed.full`` tensors.
     """
     _check_train_arguments(batches, steps, lr, warmup_ratio, weight_decay, grad_accum, checkpoint_every,
                            resume, lora_plus_ratio, param_groups)
     number("train", "max_grad_norm", max_grad_norm, at_least=0, hint=" (0 turns clipping off)")
-    if param_groups is not None:
-        groups = param_groups
-    elif lr is not None:
-        groups = [{"params": list(trainable_parameters(model).values()), "lr": lr}]
-    elif isinstance(model, PeftModel):
-        # Each active adapter at its method's rate: LoRA + prompt trains LoRA at ~2e-4 and the
-        # prompt at 3e-2, where one shared rate would starve one of them (M9).
-        groups = default_parameter_groups(model, lora_plus_ratio)
-    else:
+    flag("train", "fsdp", fsdp)
+
+    def parameter_groups() -> list[dict]:
+        if param_groups is not None:
+            return param_groups
+        if lr is not None:
+            return [{"params": list(trainable_parameters(model).values()), "lr": lr}]
+        if isinstance(model, PeftModel):
+            # Each active adapter at its method's rate: LoRA + prompt trains LoRA at ~2e-4 and the
+            # prompt at 3e-2, where one shared rate would starve one of them (M9).
+            return default_parameter_groups(model, lora_plus_ratio)
         raise ValueError("full fine-tuning needs an explicit learning rate.")
+
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    global_rows = len(_micro_batch(batches, 0)["labels"])
+    if fsdp:
+        distributed.check_shardable(model, world)
+        if param_groups is not None:
+            raise ValueError("train(fsdp=True) builds its optimizer after sharding, so it cannot take param_groups "
+                             "(they hold the parameters before); pass lr or none.")
+        if preflight is not None:  # on rank 0's whole model, with the optimizer to be
+            first_step = 0
+            if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
+                first_step = int(torch.load(_checkpoint_paths(checkpoints)[-1] / "state.pt", weights_only=True)["step"])
+            first = _micro_batch(batches, first_step * grad_accum)
+            provisional = torch.optim.AdamW(parameter_groups(), weight_decay=weight_decay)
+            precision = Precision.of(model)
+            distributed.agree(world, lambda: preflight(model, provisional, precision.move(first)))
+            preflight = None
+        distributed.shard(model, world, Precision.of(model).device)
+    groups = parameter_groups()
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)
     # The rate reported is the adapters' method rate (a head trained in full beside them has
@@ -411,7 +485,6 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     for group in groups:
         kind = group.get("kind", "params")
         result.rates[kind] = max(result.rates.get(kind, 0.0), group["initial_lr"])
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     precision = Precision.of(model)
     scaler = precision.grad_scaler()
     if scaler is not None and any(p.dtype == torch.float16 for g in groups for p in g["params"]):
@@ -424,11 +497,11 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     first_step = 0
     if resume and checkpoints is not None and _checkpoint_paths(checkpoints):
         first_step = _restore_checkpoint(_checkpoint_paths(checkpoints)[-1], model, optimizer, scheduler, result,
-                                         scaler, world)
+                                         scaler, world, global_rows)
     if preflight is not None:
         first = _micro_batch(batches, first_step * grad_accum)
         distributed.agree(world, lambda: preflight(model, optimizer, precision.move(first)))
-    forward = distributed.wrap(model, world, precision.device)
+    forward = model if fsdp else distributed.wrap(model, world, precision.device)
     stepped = [p for g in optimizer.param_groups for p in g["params"]]
     owners = _gradient_owners(model)
     lora_plus = "lora_B" in result.rates
@@ -489,8 +562,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                      "tokens": result.tokens, "seconds": elapsed, **({"skipped": True} if bad else {})})
         if checkpoints is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            if world.is_main:
-                save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler, world)
+            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, result, scaler, world, global_rows)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train data-parallel on N ranks of this machine (starts torchrun: one rank per GPU, "
                                "or per core with --device cpu); --batch-size is each rank's. Under torchrun, leave "
                                "it out")
+    hardware.add_argument("--fsdp", action="store_true",
+                          help="with --nproc N or under torchrun: shard the frozen base, adapters and optimizer "
+                               "over the ranks (PyTorch FSDP2) instead of a whole copy on each, for a base that "
+                               "does not fit one device; LoRA and adapters, not prompt/prefix or --quantize")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true")
     lora = train.add_argument_group("LoRA (--method lora)")

@@ -187,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              eval_limit=args.eval_limit, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                              device=args.device, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
                              gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize,
-                             train_on=args.train_on, add_eos=args.add_eos, pack=args.pack, **given)
+                             train_on=args.train_on, add_eos=args.add_eos, pack=args.pack, fsdp=args.fsdp,
+                             **given)
         precision = options.precision()  # no GPU for --device cuda: refused before the model is read
         if options.quantize is not None:
             check_scheme(options.quantize)  # bitsandbytes missing: refused before the model is read
@@ -195,6 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return fail(f"{e} (set by {set_by(args, e.field)})")
     except (PrecisionError, QuantizeError) as e:
         return fail(str(e))
+    if options.fsdp and (args.nproc or world.size) < 2:  # before the model is read
+        return fail(distributed.FSDP_ON_ONE_RANK)
     if args.nproc is not None and not distributed.launched(args.nproc):
         try:
             distributed.check_nproc(args.nproc, precision.device)
