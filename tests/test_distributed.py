@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_reference, write_jsonl
+from ranks import ENV, LIMIT, finish, rank_pid, start, torchrun_command, train_args
 from safetensors.torch import load_file
 
 from peftkit.data import Dataset, EpochBatches, Example
 from peftkit.distributed import World, rank_rows, share
 from peftkit.pretrain import task_lines
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-LIMIT = 240  # seconds any one launch may take before the test fails (a hang)
 
 # Patched into every rank through PYTHONPATH (no test hooks in the library): PEFTKIT_TEST_FAIL
 # = "raise" makes rank 1's third step raise; "doctor" makes the doctor report an error.
@@ -61,30 +60,8 @@ def folders(tmp_path_factory):
     return root
 
 
-def _args(folders: Path, *extra) -> list[str]:
-    return ["--model", str(folders / "reference"), "--data", str(folders / "train.jsonl"),
-            "--eval-data", str(folders / "held_out.jsonl"), "--no-progress", *map(str, extra)]
-
-
-def _start(command: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or ENV, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = LIMIT) -> subprocess.CompletedProcess:
-    """Wait for ``proc``; past ``timeout`` kill its whole process group and fail (a hang)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{proc.args} still running after {timeout} s")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return _finish(_start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", "0", "-m", "peftkit", "train", *map(str, args)], env))
+    return finish(start(torchrun_command(2, *args), env))
 
 
 def in_process(*args) -> int:
@@ -123,9 +100,9 @@ def test_each_rank_trains_on_disjoint_rows_that_cover_every_epoch():
 
 def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(folders, tmp_path):
     common = ("--steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--checkpoint-every", 0)
-    assert in_process(*_args(folders, *common, "--batch-size", 8, "--out", tmp_path / "one")) == 0
-    two = _finish(_start([sys.executable, "-m", "peftkit", "train",
-                          *_args(folders, *common, "--batch-size", 4, "--nproc", 2, "--out", tmp_path / "two")]))
+    assert in_process(*train_args(folders, *common, "--batch-size", 8, "--out", tmp_path / "one")) == 0
+    two = finish(start([sys.executable, "-m", "peftkit", "train",
+                          *train_args(folders, *common, "--batch-size", 4, "--nproc", 2, "--out", tmp_path / "two")]))
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("Training finished") == 1  # rank 0 alone reports
     one, other = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
@@ -143,42 +120,28 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(folder
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of ``rank`` (its environment says RANK)."""
-    for task in Path(f"/proc/{launcher}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env:
-                return int(child)
-    return None
-
-
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(folders, tmp_path, capsys):
     args = ("--steps", 30, "--batch-size", 2, "--lr", 3e-3, "--dropout", 0.1, "--checkpoint-every", 5)
-    whole = torchrun(*_args(folders, *args, "--out", tmp_path / "whole"))
+    whole = torchrun(*train_args(folders, *args, "--out", tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
 
     killed = tmp_path / "killed"
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "--max-restarts", "0", "-m", "peftkit", "train", *_args(folders, *args, "--out", killed)])
+    proc = start(torchrun_command(2, *train_args(folders, *args, "--out", killed)))
     log, deadline = killed / "train_log.jsonl", time.time() + LIMIT
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 13):
         time.sleep(0.02)
-    victim = _rank_pid(proc.pid, 1)
+    victim = rank_pid(proc.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
-    stopped = _finish(proc)
+    stopped = finish(proc)
     assert stopped.returncode != 0 and not (killed / "adapter").exists()
 
     # A checkpoint of 2 ranks does not resume in one process: one clear error, exit 2.
     capsys.readouterr()
-    assert in_process(*_args(folders, *args, "--out", killed, "--resume")) == 2
+    assert in_process(*train_args(folders, *args, "--out", killed, "--resume")) == 2
     assert "was trained on 2 rank(s) and this run has 1; resume with --nproc 2" in capsys.readouterr().err
 
-    resumed = torchrun(*_args(folders, *args, "--out", killed, "--resume"))
+    resumed = torchrun(*train_args(folders, *args, "--out", killed, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step" in resumed.stdout
     expected, again = _adapter(tmp_path / "whole"), _adapter(killed)
@@ -192,7 +155,7 @@ def test_one_rank_raising_stops_every_rank_naming_it(folders, tmp_path):
     env = {**ENV, "PYTHONPATH": f"{folders / 'site'}{os.pathsep}{ENV.get('PYTHONPATH', '')}",
            "PEFTKIT_TEST_FAIL": "raise"}
     start = time.time()
-    proc = torchrun(*_args(folders, "--steps", 8, "--batch-size", 2, "--lr", 3e-3, "--out", tmp_path / "r"), env=env)
+    proc = torchrun(*train_args(folders, "--steps", 8, "--batch-size", 2, "--lr", 3e-3, "--out", tmp_path / "r"), env=env)
     assert proc.returncode != 0
     assert time.time() - start < 90  # rank 0, waiting in the all-reduce, is stopped by torchrun
     assert "rank 1: error: RuntimeError: injected failure" in proc.stderr
@@ -202,7 +165,7 @@ def test_one_rank_raising_stops_every_rank_naming_it(folders, tmp_path):
 def test_the_doctors_error_on_rank_0_stops_every_rank_with_one_message(folders, tmp_path):
     env = {**ENV, "PYTHONPATH": f"{folders / 'site'}{os.pathsep}{ENV.get('PYTHONPATH', '')}",
            "PEFTKIT_TEST_FAIL": "doctor"}
-    proc = torchrun(*_args(folders, "--steps", 3, "--batch-size", 2, "--out", tmp_path / "d"), env=env)
+    proc = torchrun(*train_args(folders, "--steps", 3, "--batch-size", 2, "--out", tmp_path / "d"), env=env)
     assert proc.returncode == 1
     assert proc.stderr.count("stopped the run before the first step") == 1
     assert "base weights are trainable" in proc.stderr
@@ -212,11 +175,11 @@ def test_the_doctors_error_on_rank_0_stops_every_rank_with_one_message(folders, 
 
 def test_nproc_beyond_the_devices_or_under_torchrun_is_refused(folders, tmp_path, capsys, monkeypatch):
     cores = os.cpu_count() or 1
-    code = in_process(*_args(folders, "--device", "cpu", "--nproc", cores + 1, "--out", tmp_path / "n"))
+    code = in_process(*train_args(folders, "--device", "cpu", "--nproc", cores + 1, "--out", tmp_path / "n"))
     assert code == 2
     assert f"--nproc {cores + 1} is more ranks than this machine's {cores} CPU core(s)" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert in_process(*_args(folders, "--device", "cpu", "--nproc", 2, "--out", tmp_path / "n")) == 2
+    assert in_process(*train_args(folders, "--device", "cpu", "--nproc", 2, "--out", tmp_path / "n")) == 2
     assert "rank 1: error: --nproc starts torchrun" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()

@@ -7,20 +7,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_reference, write_jsonl
+from ranks import LIMIT, finish, rank_pid, start, torchrun_command, train_args
 from safetensors.torch import load_file
 
 import peftkit
 from peftkit.pretrain import task_lines
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-LIMIT = 120  # seconds any one launch may take before the test fails (a hang)
 
 
 @pytest.fixture(scope="module")
@@ -35,31 +33,8 @@ def folders(tmp_path_factory):
     return root
 
 
-def _args(folders: Path, *extra) -> list[str]:
-    return ["--model", str(folders / "reference"), "--data", str(folders / "train.jsonl"),
-            "--eval-data", str(folders / "held_out.jsonl"), "--no-progress", *map(str, extra)]
-
-
-def _start(ranks: int, *args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               "--max-restarts", "0", "-m", "peftkit", "train", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    """Wait for ``proc``; past LIMIT kill its whole process group and fail (a hang)."""
-    try:
-        out, err = proc.communicate(timeout=LIMIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{proc.args} still running after {LIMIT} s")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def torchrun(ranks: int, *args) -> subprocess.CompletedProcess:
-    return _finish(_start(ranks, *args))
+    return finish(start(torchrun_command(ranks, *args)))
 
 
 def in_process(*args) -> int:
@@ -74,8 +49,8 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 def test_two_sharded_ranks_train_the_adapter_of_one_process_with_the_global_batch(folders, tmp_path):
     common = ("--steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear")
-    assert in_process(*_args(folders, *common, "--batch-size", 6, "--out", tmp_path / "one")) == 0
-    two = torchrun(2, *_args(folders, *common, "--batch-size", 3, "--fsdp", "--out", tmp_path / "two"))
+    assert in_process(*train_args(folders, *common, "--batch-size", 6, "--out", tmp_path / "one")) == 0
+    two = torchrun(2, *train_args(folders, *common, "--batch-size", 3, "--fsdp", "--out", tmp_path / "two"))
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("Training finished") == 1
     one, other = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
@@ -92,37 +67,24 @@ def test_two_sharded_ranks_train_the_adapter_of_one_process_with_the_global_batc
         torch.testing.assert_close(again[key].float(), other[key].float(), rtol=0, atol=0)
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of ``rank`` (its environment says RANK)."""
-    for task in Path(f"/proc/{launcher}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env:
-                return int(child)
-    return None
-
-
 def test_a_sharded_run_killed_then_resumed_gives_the_uninterrupted_adapter(folders, tmp_path):
     args = ("--steps", 40, "--batch-size", 2, "--lr", 3e-3, "--dropout", 0.1, "--checkpoint-every", 5, "--fsdp")
-    whole = torchrun(2, *_args(folders, *args, "--out", tmp_path / "whole"))
+    whole = torchrun(2, *train_args(folders, *args, "--out", tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     assert (tmp_path / "whole" / "checkpoints" / "step-00000040" / "sharded" / ".metadata").is_file()
 
     killed = tmp_path / "killed"
-    proc = _start(2, *_args(folders, *args, "--out", killed))
+    proc = start(torchrun_command(2, *train_args(folders, *args, "--out", killed)))
     log, deadline = killed / "train_log.jsonl", time.time() + LIMIT
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 12):
         time.sleep(0.02)
-    victim = _rank_pid(proc.pid, 1)  # past the checkpoint of step 10; torchrun then stops rank 0
+    victim = rank_pid(proc.pid, 1)  # past the checkpoint of step 10; torchrun then stops rank 0
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
-    assert _finish(proc).returncode != 0
+    assert finish(proc).returncode != 0
     assert not (killed / "adapter").exists()
 
-    resumed = torchrun(2, *_args(folders, *args, "--out", killed, "--resume"))
+    resumed = torchrun(2, *train_args(folders, *args, "--out", killed, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step" in resumed.stdout
     expected, again = _adapter(tmp_path / "whole"), _adapter(killed)
@@ -131,11 +93,11 @@ def test_a_sharded_run_killed_then_resumed_gives_the_uninterrupted_adapter(folde
 
 
 def test_fsdp_it_cannot_shard_is_refused_with_one_clear_error(folders, tmp_path, capsys):
-    assert in_process(*_args(folders, "--fsdp", "--out", tmp_path / "a")) == 2
+    assert in_process(*train_args(folders, "--fsdp", "--out", tmp_path / "a")) == 2
     assert "--fsdp shards the base over several ranks, and this run has one" in capsys.readouterr().err
-    assert in_process(*_args(folders, "--fsdp", "--quantize", "nf4", "--out", tmp_path / "b")) == 2
+    assert in_process(*train_args(folders, "--fsdp", "--quantize", "nf4", "--out", tmp_path / "b")) == 2
     assert "FSDP2 cannot shard a 4-bit NF4 base" in capsys.readouterr().err
-    prompt = torchrun(2, *_args(folders, "--method", "prompt", "--fsdp", "--steps", 1, "--out", tmp_path / "c"))
+    prompt = torchrun(2, *train_args(folders, "--method", "prompt", "--fsdp", "--steps", 1, "--out", tmp_path / "c"))
     assert prompt.returncode != 0  # torchrun: 1 when a rank exits non-zero (each exits 2)
     assert "rank 0: error: --fsdp shards LoRA and bottleneck adapters, not a prompt or prefix" in prompt.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,0 +1,56 @@
+"""Running `peftkit train` on several ranks in the tests: torchrun in its own session, bounded
+(a hang fails the test and kills the whole group), and a rank's worker found by its RANK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+LIMIT = 240  # seconds any one launch may take before the test fails (a hang)
+
+
+def torchrun_command(ranks: int, *args) -> list[str]:
+    """``python -m torch.distributed.run ... -m peftkit train ARGS`` on ``ranks`` local ranks, no restarts."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "--max-restarts", "0", "-m", "peftkit", "train", *map(str, args)]
+
+
+def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or ENV, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = LIMIT) -> subprocess.CompletedProcess:
+    """Wait for ``proc``; past ``timeout`` kill its whole process group and fail (a hang)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{proc.args} still running after {timeout} s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank`` (its environment says RANK)."""
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+    return None
+
+
+def train_args(folders: Path, *extra) -> list[str]:
+    """The reference model and the test's data folders, no progress bars, then ``extra``."""
+    return ["--model", str(folders / "reference"), "--data", str(folders / "train.jsonl"),
+            "--eval-data", str(folders / "held_out.jsonl"), "--no-progress", *map(str, extra)]
