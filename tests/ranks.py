@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,26 @@ def rank_pid(launcher: int, rank: int) -> int | None:
             if f"RANK={rank}".encode() in env:
                 return int(child)
     return None
+
+
+def kill_rank_after(proc: subprocess.Popen, log: Path, steps: int, rank: int = 1) -> subprocess.CompletedProcess:
+    """kill -9 ``rank`` of the run ``proc`` once its ``log`` has ``steps`` lines (torchrun then
+    stops the other ranks), and wait for the run to end: it must fail."""
+    deadline = time.time() + LIMIT
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+        time.sleep(0.02)
+    victim = rank_pid(proc.pid, rank)
+    assert victim is not None, f"no worker of rank {rank} after {steps} logged steps"
+    os.kill(victim, signal.SIGKILL)
+    stopped = finish(proc)
+    assert stopped.returncode != 0
+    return stopped
+
+
+def sitecustomize_env(site: Path, what: str) -> dict:
+    """``ENV`` with ``site`` (a folder holding a sitecustomize.py, which every rank then runs
+    at start) first on PYTHONPATH and PEFTKIT_TEST_FAIL set to ``what`` for it to read."""
+    return {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ENV.get('PYTHONPATH', '')}", "PEFTKIT_TEST_FAIL": what}
 
 
 def train_args(folders: Path, *extra) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_reference, write_jsonl
-from ranks import ENV, LIMIT, finish, rank_pid, start, torchrun_command, train_args
+from ranks import finish, kill_rank_after, sitecustomize_env, start, torchrun_command, train_args
 from safetensors.torch import load_file
 
 from peftkit.data import Dataset, EpochBatches, Example
@@ -24,7 +23,8 @@ from peftkit.pretrain import task_lines
 
 
 # Patched into every rank through PYTHONPATH (no test hooks in the library): PEFTKIT_TEST_FAIL
-# = "raise" makes rank 1's third step raise; "doctor" makes the doctor report an error.
+# = "raise" makes rank 1's third step raise; "mismatch" gives rank 1 LoRA of twice the rank;
+# "doctor" makes the doctor report an error.
 SITECUSTOMIZE = '''
 import os, sys
 what = os.environ.get("PEFTKIT_TEST_FAIL")
@@ -37,6 +37,14 @@ if what == "raise" and os.environ.get("RANK") == "1":
             raise RuntimeError("injected failure")
         return original(*args, **kwargs)
     train.accumulate_gradients = failing
+elif what == "mismatch" and os.environ.get("RANK") == "1":
+    import peftkit.cli.training as training
+    original = training._method_config
+    def other_rank(*args, **kwargs):
+        import dataclasses
+        config = original(*args, **kwargs)
+        return dataclasses.replace(config, r=config.r * 2)
+    training._method_config = other_rank
 elif what == "doctor" and "RANK" in os.environ:
     import peftkit.doctor
     from peftkit.doctor import DoctorReport, Finding
@@ -126,15 +134,9 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(folders,
     assert whole.returncode == 0, whole.stderr
 
     killed = tmp_path / "killed"
-    proc = start(torchrun_command(2, *train_args(folders, *args, "--out", killed)))
-    log, deadline = killed / "train_log.jsonl", time.time() + LIMIT
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 13):
-        time.sleep(0.02)
-    victim = rank_pid(proc.pid, 1)
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
-    stopped = finish(proc)
-    assert stopped.returncode != 0 and not (killed / "adapter").exists()
+    kill_rank_after(start(torchrun_command(2, *train_args(folders, *args, "--out", killed))),
+                    killed / "train_log.jsonl", 13)
+    assert not (killed / "adapter").exists()
 
     # A checkpoint of 2 ranks does not resume in one process: one clear error, exit 2.
     capsys.readouterr()
@@ -148,29 +150,39 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(folders,
     assert expected.keys() == again.keys()
     for key in expected:
         torch.testing.assert_close(again[key], expected[key], rtol=0, atol=0)
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 31))
+    log = (killed / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 31))
 
 
 def test_one_rank_raising_stops_every_rank_naming_it(folders, tmp_path):
-    env = {**ENV, "PYTHONPATH": f"{folders / 'site'}{os.pathsep}{ENV.get('PYTHONPATH', '')}",
-           "PEFTKIT_TEST_FAIL": "raise"}
+    env = sitecustomize_env(folders / "site", "raise")
     start = time.time()
     proc = torchrun(*train_args(folders, "--steps", 8, "--batch-size", 2, "--lr", 3e-3, "--out", tmp_path / "r"), env=env)
     assert proc.returncode != 0
     assert time.time() - start < 90  # rank 0, waiting in the all-reduce, is stopped by torchrun
     assert "rank 1: error: RuntimeError: injected failure" in proc.stderr
+    # Rank 0 either is stopped by torchrun or finds its peer gone: no error of its own, no gloo text.
+    assert "rank 0: error" not in proc.stderr and "GLHF" not in proc.stderr
     assert not (tmp_path / "r" / "adapter").exists()
 
 
 def test_the_doctors_error_on_rank_0_stops_every_rank_with_one_message(folders, tmp_path):
-    env = {**ENV, "PYTHONPATH": f"{folders / 'site'}{os.pathsep}{ENV.get('PYTHONPATH', '')}",
-           "PEFTKIT_TEST_FAIL": "doctor"}
+    env = sitecustomize_env(folders / "site", "doctor")
     proc = torchrun(*train_args(folders, "--steps", 3, "--batch-size", 2, "--out", tmp_path / "d"), env=env)
     assert proc.returncode == 1
     assert proc.stderr.count("stopped the run before the first step") == 1
     assert "base weights are trainable" in proc.stderr
     assert not (tmp_path / "d" / "adapter").exists()
     assert (tmp_path / "d" / "train_log.jsonl").read_text() == ""
+
+
+def test_ranks_given_another_run_are_refused_on_rank_0_and_every_rank_exits(folders, tmp_path):
+    proc = torchrun(*train_args(folders, "--steps", 3, "--batch-size", 2, "--out", tmp_path / "m"),
+                    env=sitecustomize_env(folders / "site", "mismatch"))
+    assert proc.returncode != 0
+    assert "rank 0: error: rank(s) [1] were given another run than rank 0" in proc.stderr
+    assert "start every rank with the same command, model and data" in proc.stderr
+    assert not (tmp_path / "m" / "adapter").exists()
 
 
 def test_nproc_beyond_the_devices_or_under_torchrun_is_refused(folders, tmp_path, capsys, monkeypatch):

@@ -4,16 +4,13 @@ sharded checkpoints resumed after a kill, and on another rank count; the refusal
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_reference, write_jsonl
-from ranks import LIMIT, finish, rank_pid, start, torchrun_command, train_args
+from helpers import save_transformers_folder, tiny_reference, write_jsonl
+from ranks import finish, kill_rank_after, sitecustomize_env, start, torchrun_command, train_args
 from safetensors.torch import load_file
 
 import peftkit
@@ -21,10 +18,38 @@ from peftkit.pretrain import task_lines
 
 
 
+# Run by every rank at start (ranks.sitecustomize_env): on every rank but 0, reading a weights
+# file raises, so a run that passes has read the base on rank 0 alone.
+SITECUSTOMIZE = '''
+import os
+if os.environ.get("PEFTKIT_TEST_FAIL") == "rank-0-reads" and os.environ.get("RANK", "0") != "0":
+    import safetensors, safetensors.torch
+    from peftkit.models import folder
+    def refused(*args, **kwargs):
+        raise RuntimeError(f"rank {os.environ['RANK']} read a weights file")
+    safetensors.safe_open = safetensors.torch.safe_open = safetensors.torch.load_file = refused
+    folder.read = refused
+'''
+
+
+def tied_llama_folder(folder: Path) -> Path:
+    """A tiny Llama whose head is its embedding (one tied tensor), rotary tables as buffers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return save_transformers_folder(LlamaForCausalLM(config).eval(), folder)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     tiny_reference().save_pretrained(root / "reference")
+    tied_llama_folder(root / "llama")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     # Lengths spread by up to 6 words: every batch is padded, and rows differ in label tokens.
     lines = [line.rsplit(",", 1) for line in task_lines("B", 30, 0)]
     records = [{"prompt": "so " * (i % 7) + p + ",", "completion": c} for i, (p, c) in enumerate(lines)]
@@ -33,8 +58,8 @@ def folders(tmp_path_factory):
     return root
 
 
-def torchrun(ranks: int, *args) -> subprocess.CompletedProcess:
-    return finish(start(torchrun_command(ranks, *args)))
+def torchrun(ranks: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return finish(start(torchrun_command(ranks, *args), env))
 
 
 def in_process(*args) -> int:
@@ -47,18 +72,25 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def _same_adapter(folder: Path, expected: Path, label: str, atol: float = 1e-5) -> dict[str, torch.Tensor]:
+    one, other = _adapter(expected), _adapter(folder)
+    assert one.keys() == other.keys()
+    worst = max(float((other[k] - one[k]).abs().max()) for k in one)
+    print(f"{label}: max |difference| {worst:.2e}")
+    for key in one:
+        torch.testing.assert_close(other[key], one[key], rtol=0, atol=atol)
+    return other
+
+
 def test_two_sharded_ranks_train_the_adapter_of_one_process_with_the_global_batch(folders, tmp_path):
     common = ("--steps", 4, "--grad-accum", 2, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear")
     assert in_process(*train_args(folders, *common, "--batch-size", 6, "--out", tmp_path / "one")) == 0
-    two = torchrun(2, *train_args(folders, *common, "--batch-size", 3, "--fsdp", "--out", tmp_path / "two"))
+    # Rank 1 reads no weights (it would raise): it gets its shards from rank 0.
+    two = torchrun(2, *train_args(folders, *common, "--batch-size", 3, "--fsdp", "--out", tmp_path / "two"),
+                   env=sitecustomize_env(folders / "site", "rank-0-reads"))
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("Training finished") == 1
-    one, other = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
-    assert one.keys() == other.keys()
-    worst = max(float((other[k] - one[k]).abs().max()) for k in one)
-    print(f"FSDP2 2 x 3 vs 1 x 6: max |difference| {worst:.2e}")
-    for key in one:
-        torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
+    other = _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 2 x 3 vs 1 x 6")
     # The ordinary PEFT folder: it loads onto a fresh base and gives the tensors back.
     loaded = peftkit.load(tiny_reference(), tmp_path / "two" / "adapter")
     from peftkit.adapter_files import adapter_tensors
@@ -74,14 +106,9 @@ def test_a_sharded_run_killed_then_resumed_gives_the_uninterrupted_adapter(folde
     assert (tmp_path / "whole" / "checkpoints" / "step-00000040" / "sharded" / ".metadata").is_file()
 
     killed = tmp_path / "killed"
-    proc = start(torchrun_command(2, *train_args(folders, *args, "--out", killed)))
-    log, deadline = killed / "train_log.jsonl", time.time() + LIMIT
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 12):
-        time.sleep(0.02)
-    victim = rank_pid(proc.pid, 1)  # past the checkpoint of step 10; torchrun then stops rank 0
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
-    assert finish(proc).returncode != 0
+    # Past the checkpoint of step 10; torchrun then stops rank 0.
+    kill_rank_after(start(torchrun_command(2, *train_args(folders, *args, "--out", killed))),
+                    killed / "train_log.jsonl", 12)
     assert not (killed / "adapter").exists()
 
     resumed = torchrun(2, *train_args(folders, *args, "--out", killed, "--resume"))
@@ -90,6 +117,35 @@ def test_a_sharded_run_killed_then_resumed_gives_the_uninterrupted_adapter(folde
     expected, again = _adapter(tmp_path / "whole"), _adapter(killed)
     for key in expected:
         torch.testing.assert_close(again[key], expected[key], rtol=0, atol=0)
+
+
+def test_a_sharded_run_resumes_on_another_rank_count_with_the_same_global_batch(folders, tmp_path):
+    # Dropout 0: ranks draw their masks by rank, so only without it may the rank count change.
+    args = ("--steps", 12, "--lr", 3e-3, "--dropout", 0, "--checkpoint-every", 4, "--fsdp")
+    whole = torchrun(2, *train_args(folders, *args, "--batch-size", 3, "--out", tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = tmp_path / "killed"
+    kill_rank_after(start(torchrun_command(2, *train_args(folders, *args, "--batch-size", 3, "--out", killed))),
+                    killed / "train_log.jsonl", 6)
+    # Another global batch is another run; 3 ranks x 2 rows is this one, resharded.
+    other = torchrun(3, *train_args(folders, *args, "--batch-size", 3, "--out", killed, "--resume"))
+    assert other.returncode != 0 and "holds a different run" in other.stderr
+    resumed = torchrun(3, *train_args(folders, *args, "--batch-size", 2, "--out", killed, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 4" in resumed.stdout or "resumed at step 8" in resumed.stdout
+    _same_adapter(killed, tmp_path / "whole", "FSDP2 2 x 3, resumed on 3 x 2")
+
+
+def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path):
+    """Llama with its head tied to its embedding and rotary buffers (not in the state dict):
+    rank 1 builds it on the meta device and still trains the single process's adapter."""
+    args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--eval-data", folders / "held_out.jsonl",
+            "--no-progress", "--steps", 3, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear"]
+    assert in_process(*args, "--batch-size", 4, "--out", tmp_path / "one") == 0
+    two = torchrun(2, *args, "--batch-size", 2, "--fsdp", "--out", tmp_path / "two",
+                   env=sitecustomize_env(folders / "site", "rank-0-reads"))
+    assert two.returncode == 0, two.stderr
+    _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 tied Llama 2 x 2 vs 1 x 4")
 
 
 def test_fsdp_it_cannot_shard_is_refused_with_one_clear_error(folders, tmp_path, capsys):

@@ -15,6 +15,8 @@ does anything.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +101,16 @@ def joined(device: torch.device) -> Iterator[World]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     yield world
     dist.destroy_process_group()
+
+
+# What gloo and NCCL say when a rank in a collective with this one has died.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` only says that another rank left the run (it died, and its own
+    error, printed by that rank, is the one to read)."""
+    return isinstance(error, (RuntimeError, dist.DistError)) and any(words in str(error) for words in _PEER_LOST)
 
 
 def _wire() -> torch.device:
@@ -195,6 +207,28 @@ def agree(world: World, check: Callable[[], None]) -> None:
     raise StoppedByRank(0, bytes(text.cpu().tolist()).decode(errors="replace"))
 
 
+def same_run(world: World, description: dict) -> None:
+    """Refuse ranks that were not started on the same run: every rank hashes ``description``
+    (the run's method config, options and data, as JSON), the hashes are gathered, and when
+    they differ rank 0 raises ``DistributedError`` naming the ranks that differ from it (the
+    others ``StoppedByRank``). Such ranks would otherwise train a different model each, or
+    hang in a collective that only some of them reach."""
+    if not world.active:
+        return
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).digest()
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=_wire())
+    every = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(every, mine)
+
+    def check() -> None:
+        differ = [rank for rank, theirs in enumerate(every) if not torch.equal(theirs, every[0])]
+        if differ:
+            raise DistributedError(f"rank(s) {differ} were given another run than rank 0 (another method config, "
+                                   "option or data file): start every rank with the same command, model and data.")
+
+    agree(world, check)
+
+
 def check_nproc(nproc: int, device: torch.device) -> None:
     """Refuse a --nproc this machine cannot run: more ranks than GPUs (CUDA) or cores (CPU),
     or --nproc inside a torchrun that started this process."""
@@ -269,19 +303,52 @@ def check_shardable(model: torch.nn.Module, world: World, quantized: bool = Fals
                                "train it without --fsdp.")
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has parameters on the meta device (shapes, no values): the module
+    tree that the ranks other than 0 of an FSDP2 run build (``loading.load_model(meta=True)``)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def _share_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers to every rank (the same module tree everywhere, so the same order).
+    A model built on the meta device has none of its buffers' values, and the state dict
+    leaves out the non-persistent ones (rotary inverse frequencies). They are small."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            wire = torch.empty(buffer.shape, dtype=buffer.dtype, device=_wire()) if buffer.is_meta \
+                else buffer.to(_wire())
+            dist.broadcast(wire, 0)
+            module._buffers[name] = wire.to("cpu" if buffer.is_meta else buffer.device)
+
+
 def shard(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """``model`` sharded in place with FSDP2 (``fully_shard``): each block, then the root
-    (embeddings, norm, head, what is left). Every parameter becomes a DTensor holding this
-    rank's rows; a block's are gathered for its forward and backward only. The gradients are
-    reduce-scattered and averaged over the ranks, as DDP averages them, so ``train``'s loss
-    weights hold unchanged. Build the optimizer after this: it must hold the sharded parameters."""
+    """``model`` sharded in place with FSDP2 (``fully_shard``) onto ``device``: each block, then
+    the root (embeddings, norm, head, what is left). Every parameter becomes a DTensor holding
+    this rank's rows; a block's are gathered for its forward and backward only. The gradients
+    are reduce-scattered and averaged over the ranks, as DDP averages them, so ``train``'s loss
+    weights hold unchanged. Build the optimizer after this: it must hold the sharded parameters.
+
+    Loaded straight into shards: when ranks other than 0 hold the model on the meta device
+    (``on_meta``), rank 0's whole model, on the CPU, is the only copy: each of its tensors is
+    broadcast in turn and every rank keeps its rows of it (``set_model_state_dict`` with
+    ``broadcast_from_rank0``), adapters included, so every rank starts from rank 0's adapter
+    initialisation. No device ever holds more than its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    broadcast = all_sum(float(on_meta(model)), world) > 0
+    whole = model.state_dict() if broadcast and world.is_main else {}  # rank 0's tensors, kept alive
+    if broadcast:
+        _share_buffers(model)
     mesh = init_device_mesh(device.type, (world.size,))
     for block in blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if broadcast:
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -151,14 +151,24 @@ def weights_file(folder: Path) -> Path:
 
 
 def load_model(path: str | Path, *, task: str = "causal-lm", num_labels: int | None = None,
-               progress: bool = True, dtype: torch.dtype | None = None, quantize: str | None = None) -> LoadedModel:
+               progress: bool = True, dtype: torch.dtype | None = None, quantize: str | None = None,
+               meta: bool = False) -> LoadedModel:
     """Load ``path`` (see the module docstring) for ``task``, on the CPU; with ``dtype``, its
     floating-point weights are stored in it (a transformers folder is read straight into it,
     so a 1B model never costs its float32 4 GB); with ``quantize="nf4"``, its linear layers
-    are then made 4-bit (``quantize.quantize_base``), the missing library refused first."""
+    are then made 4-bit (``quantize.quantize_base``), the missing library refused first.
+
+    ``meta=True`` builds the same module tree on the meta device, in ``dtype`` (float32 when
+    None), and reads no weights, only the config and the tokenizer: what the ranks other than
+    0 of an FSDP2 run hold until rank 0 broadcasts their shards (``distributed.shard``). A
+    .gguf file has no config to build from, so it is read whole even then."""
     if quantize is not None:
         from .quantize import check_scheme
         check_scheme(quantize)
+    if meta and quantize is None:
+        loaded = _load_on_meta(path, task, num_labels, progress, dtype or torch.float32)
+        if loaded is not None:
+            return loaded
     loaded = _load(path, task, num_labels, progress, dtype, quantize)
     if dtype is not None:
         place(loaded.model, torch.device("cpu"), dtype)
@@ -197,6 +207,38 @@ def _load(path: str | Path, task: str, num_labels: int | None, progress: bool,
     return _load_transformers(folder, weights, task, num_labels, dtype)
 
 
+def _load_on_meta(path: str | Path, task: str, num_labels: int | None, progress: bool,
+                  dtype: torch.dtype) -> LoadedModel | None:
+    """``load_model(meta=True)`` for a model folder or 'reference'; None for a .gguf file."""
+    folder = reference_base(progress) if str(path) == REFERENCE else Path(path)
+    if not folder.is_dir() or gguf_file_in(folder) is not None:
+        return None
+    config = _read_config(folder)
+    if config.get("model_type") == ReferenceConfig.model_type:
+        with torch.device("meta"):
+            model = ReferenceDecoder(ReferenceConfig.from_dict(config)).to(dtype)
+        return LoadedModel(model.eval(), ByteTokenizer(), str(folder))
+    import transformers
+
+    auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModelForCausalLM
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    hf_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **labels)
+    with torch.device("meta"):
+        model = auto.from_config(hf_config, dtype=dtype)
+    return LoadedModel(model.eval(), _tokenizer_in(folder), str(folder), task)
+
+
+def _tokenizer_in(folder: Path):
+    """The folder's tokenizer, or None when it has none: fine for token-id data
+    (``LoadedModel.encode`` says so when text needs one)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int | None,
                        dtype: torch.dtype | None = None) -> LoadedModel:
     try:
@@ -222,11 +264,7 @@ def _load_transformers(folder: Path, weights: Path, task: str, num_labels: int |
                              "model again.") from e
     except ValueError as e:  # transformers' words for an architecture without that head
         raise ModelLoadError(f"{folder}: transformers cannot build a {task} model from it ({e}).") from e
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):  # none in the folder: fine for token-id data (LoadedModel.encode says so)
-        tokenizer = None
-    return LoadedModel(model.eval(), tokenizer, str(folder), task)
+    return LoadedModel(model.eval(), _tokenizer_in(folder), str(folder), task)
 
 
 # -- GGUF ---------------------------------------------------------------------------

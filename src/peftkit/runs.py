@@ -183,8 +183,11 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
 
     Under torchrun (``distributed``) every rank calls this with the same arguments and reads
     the same files (a filesystem all ranks share): ``batch_size`` is each rank's, so a step
-    trains on batch_size x ranks rows. Rank 0 alone claims and writes the folder, logs,
-    evaluates and shows progress; every rank returns once the adapter is written.
+    trains on batch_size x ranks rows; ranks given another run are refused (``same_run``).
+    Rank 0 alone claims and writes the folder, logs, evaluates and shows progress; every rank
+    returns once the adapter is written. With ``fsdp`` only rank 0 holds the whole model (on
+    the CPU; the others on the meta device), and run.json records the global batch, so the
+    run resumes on another rank count that gives the same.
     """
     # Checked again: a field assigned after construction skipped __post_init__.
     options = dataclasses.replace(options)
@@ -238,16 +241,29 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
     run_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_IDENTITY}
     if options.eval_data is not None:  # absolute, so that run.json re-runs from any folder
         run_options["eval_data"] = str(Path(options.eval_data).resolve())
+    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in NOT_IDENTITY}
+    if options.fsdp:
+        # A sharded run resumes on any rank count with the same global batch, so that, not each
+        # rank's share of it, is the run's (torch.distributed.checkpoint reshards the state).
+        del run_options["batch_size"], defaults["batch_size"]
+        run_options["global_batch_size"] = rows
     model = Path(loaded.source)
     identity = {"model": str(model.resolve()) if model.exists() else loaded.source,
                 "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
-    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in NOT_IDENTITY}
+    # Every rank must be on this run: the same config, options and examples (paths may differ by node).
+    distributed.same_run(world, {"config": identity["config"], "options": identity["options"],
+                                 "examples": [e.input_ids for e in train_set.examples[:64]],
+                                 "counts": [len(train_set), len(eval_set)]})
     # Rank 0 claims the folder; the others start once it is claimed and cleaned.
     claim = claim_out_dir(out_dir, identity, defaults, resume) if world.is_main else None
     distributed.barrier(world)
     with contextlib.closing(claim) if claim is not None else contextlib.nullcontext():
-        place(loaded.model, precision.device, precision.dtype)
+        if not options.fsdp:
+            place(loaded.model, precision.device, precision.dtype)
+        elif not distributed.on_meta(loaded.model):
+            # Sharded, each device gets its rows only (``distributed.shard``): the whole stays on the CPU.
+            place(loaded.model, torch.device("cpu"), precision.dtype)
         if options.quantize is not None:
             from .quantize import quantize_base
             # A base loaded quantized stays as it is; what the config trains in full stays plain.
@@ -259,10 +275,16 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
             distributed.check_shardable(pm, world)
         trainable, total = pm.parameter_counts()
         progress = progress and world.is_main
-        scored = eval_batches if world.is_main else []  # the model is the same on every rank
-        # Sharded (train shards it), every forward gathers each block from every rank: all evaluate.
-        scored_after = eval_batches if options.fsdp else scored
-        eval_before = evaluate(pm, scored, progress, "held-out, before") if scored else {}
+        # The model is the same on every rank: rank 0 scores it. Sharded, every forward gathers
+        # each block from every rank: all of them score it, once train has sharded it.
+        scored = eval_batches if world.is_main or options.fsdp else []
+        eval_before = {}
+
+        def score_before() -> None:
+            eval_before.update(evaluate(pm, scored, progress, "held-out, before") if scored else {})
+
+        if not options.fsdp:
+            score_before()
         checkpoints = out_dir / CHECKPOINTS
         resumed_from = 0
         if resume:  # _claim_out_dir made sure that there is a checkpoint
@@ -285,8 +307,9 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
                            checkpoint_dir=checkpoints, checkpoint_every=options.checkpoint_every,
                            resume=resume, on_step=write_log if world.is_main or options.fsdp else None,
                            preflight=preflight, lora_plus_ratio=options.lora_plus_ratio,
-                           max_grad_norm=options.max_grad_norm, world=world, fsdp=options.fsdp)
-        eval_after = evaluate(pm, scored_after, progress, "held-out, after") if scored_after else {}
+                           max_grad_norm=options.max_grad_norm, world=world, fsdp=options.fsdp,
+                           device=precision.device, on_sharded=score_before if options.fsdp else None)
+        eval_after = evaluate(pm, scored, progress, "held-out, after") if scored else {}
         tensors = None
         if options.fsdp:  # every rank sends its shards; rank 0 writes plain tensors, the ordinary folder
             tensors = {key: distributed.full(t).cpu()

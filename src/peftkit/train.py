@@ -401,7 +401,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
           on_step: Callable[[dict], None] | None = None,
           preflight: Callable[[PeftModel, torch.optim.Optimizer, dict], None] | None = None,
           param_groups: list[dict] | None = None, lora_plus_ratio: float = LORA_PLUS_RATIO,
-          max_grad_norm: float = MAX_GRAD_NORM, world: World = SINGLE, fsdp: bool = False) -> TrainResult:
+          max_grad_norm: float = MAX_GRAD_NORM, world: World = SINGLE, fsdp: bool = False,
+          device: torch.device | None = None, on_sharded: Callable[[], None] | None = None) -> TrainResult:
     """Run ``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken from
     ``batches``: ``data.EpochBatches`` (reshuffled each epoch, as ``peftkit train`` uses) or a
     list of batches, cycled in order. A batch is a dict of model keyword arguments with ``labels``.
@@ -440,7 +441,11 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     of the optimizer to be) and before the optimizer is built; checkpoints go through
     ``torch.distributed.checkpoint`` and resume on any rank count with the same global batch.
     The model stays sharded: the caller evaluates it on every rank (each forward gathers
-    every block) and saves it with ``distributed.full`` tensors.
+    every block) and saves it with ``distributed.full`` tensors. Its shards go to ``device``
+    (default: where rank 0's model is), so rank 0 may hold the whole model on the CPU and the
+    other ranks on the meta device (``distributed.shard`` loads them from rank 0);
+    ``on_sharded()`` runs on every rank once it is sharded, before a checkpoint is restored
+    (the held-out score before training).
     """
     _check_train_arguments(batches, steps, lr, warmup_ratio, weight_decay, grad_accum, checkpoint_every,
                            resume, lora_plus_ratio, param_groups)
@@ -474,7 +479,9 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
             precision = Precision.of(model)
             distributed.agree(world, lambda: preflight(model, provisional, precision.move(first)))
             preflight = None
-        distributed.shard(model, world, Precision.of(model).device)
+        distributed.shard(model, world, device or Precision.of(model).device)
+        if on_sharded is not None:
+            on_sharded()
     groups = parameter_groups()
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, int(warmup_ratio * steps), steps)

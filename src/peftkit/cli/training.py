@@ -209,8 +209,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         fmt, records = read_jsonl(args.data)
         task = "classification" if fmt == "classification" else "causal-lm"
         num_labels = len({str(r["label"]) for r in records}) if task == "classification" else None
+        # Sharded, rank 0's copy is the only one read: the others build the model on the meta
+        # device and get their shards from it (distributed.shard).
         loaded = load_model(args.model, task=task, num_labels=num_labels, progress=not args.no_progress,
-                            dtype=precision.dtype, quantize=options.quantize)
+                            dtype=precision.dtype, quantize=options.quantize,
+                            meta=options.fsdp and world.active and not world.is_main)
         config = _method_config(args, loaded.tokenizer)
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress,
@@ -225,6 +228,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Exception as e:  # on several ranks, say which one failed; torchrun then stops the others
         if not world.active:
             raise
+        if distributed.peer_lost(e):  # the rank that died printed the error that matters
+            print(f"rank {world.rank}: stopped: another rank left the run; its error is above, and nothing of "
+                  "the unfinished step was saved.", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"rank {world.rank}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
