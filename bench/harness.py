@@ -15,12 +15,13 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -180,6 +181,46 @@ def ratio(rows: dict, case: str, reference: str | None, key: str) -> float | Non
     if a.get(key) is None or not b.get(key):
         return None
     return a[key] / b[key]
+
+
+WALL_CLOCK = {"wall": time.perf_counter}
+
+
+def time_cases(calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int,
+               clocks: Mapping[str, Callable[[], float]] = WALL_CLOCK) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each call by each clock, round by round, ``{clock: {case: [s, ...]}}``: every
+    case warmed up (``warmup`` untimed calls each), then ``rounds`` rounds of one call per case,
+    the order reversed every round, so slow drift in machine load touches every case alike. The
+    caller sets the context (``torch.no_grad``, ``torch.inference_mode``) around it."""
+    seconds: dict[str, dict[str, list[float]]] = {clock: {case: [] for case in calls} for clock in clocks}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    order, read = list(calls), list(clocks.items())
+    for round_ in range(rounds):
+        for case in (order if round_ % 2 == 0 else order[::-1]):
+            starts = [now() for _, now in read]
+            calls[case]()
+            ends = [now() for _, now in read]
+            for (clock, _), start, end in zip(read, starts, ends):
+                seconds[clock][case].append(end - start)
+    return seconds
+
+
+def round_summary(seconds: dict[str, list[float]], ratios: Sequence[tuple[str, str, float | None]]) -> dict:
+    """Min and median per case, and each ``(case, reference, target)`` ratio taken round by
+    round (case / reference of the same round): its median over the rounds, the ratio of the
+    minima, and whether the median is at most ``target`` (None: reported, no target)."""
+    rows = [{"case": case, "seconds": s, "min_s": min(s), "median_s": statistics.median(s)}
+            for case, s in seconds.items()]
+    out = []
+    for case, reference, target in ratios:
+        per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
+        median = statistics.median(per_round)
+        out.append({"case": case, "reference": reference, "target": target, "per_round": per_round,
+                    "median_of_rounds": median, "of_min": min(seconds[case]) / min(seconds[reference]),
+                    "met": None if target is None else median <= target})
+    return {"results": rows, "ratios": out}
 
 
 def expand_cases(text: str, known: list[str], groups: dict[str, list[str]]) -> list[str]:

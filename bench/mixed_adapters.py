@@ -121,40 +121,13 @@ def check_outputs(pm, pp, ids, prompts, generate, blocks, interleaved) -> dict:
     return out
 
 
-def time_cases(calls: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each call, round by round: all warmed up, then one call per case a round, the
-    order reversed every round."""
-    import torch
-
-    seconds: dict[str, list[float]] = {case: [] for case in calls}
-    with torch.no_grad():
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        order = list(calls)
-        for round_ in range(rounds):
-            for case in (order if round_ % 2 == 0 else order[::-1]):
-                start = time.perf_counter()
-                calls[case]()
-                seconds[case].append(time.perf_counter() - start)
-    return seconds
-
-
 def summary(seconds: dict[str, list[float]]) -> dict:
     """Min and median per case, and each ratio of ``RATIOS`` round by round."""
-    rows = [{"case": case, "seconds": s, "min_s": min(s), "median_s": statistics.median(s)}
-            for case, s in seconds.items()]
-    ratios = []
-    for case, reference, target in RATIOS:
-        per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
-        median = statistics.median(per_round)
-        ratios.append({"case": case, "reference": reference, "target": target, "per_round": per_round,
-                       "median_of_rounds": median, "of_min": min(seconds[case]) / min(seconds[reference]),
-                       "met": None if target is None else median <= target})
+    out = harness.round_summary(seconds, RATIOS)
     # peftkit's mixed batch can be no faster than the base model alone: its best ratio to PEFT's.
     floor = {label: statistics.median(b / p for b, p in zip(seconds["base"], seconds[f"peft-{label}"]))
              for label in ("mixed", "mixed-interleaved")}
-    return {"results": rows, "ratios": ratios, "floor_over_peft": floor}
+    return {**out, "floor_over_peft": floor}
 
 
 def run(args) -> dict:
@@ -182,8 +155,10 @@ def run(args) -> dict:
     forward = {case: (lambda m=m, k=mixing[case]: m(input_ids=ids, use_cache=False, **k))
                for case, (m, _) in models.items()}
     decode = {case: (lambda m=m, k=mixing[case]: generate(m, prompts, **k)) for case, (m, _) in models.items()}
-    sections = {"forward": summary(time_cases(forward, args.rounds, args.warmup)),
-                "generate": summary(time_cases(decode, args.rounds, args.warmup))}
+    with torch.no_grad():
+        timed = {"forward": harness.time_cases(forward, args.rounds, args.warmup)["wall"],
+                 "generate": harness.time_cases(decode, args.rounds, args.warmup)["wall"]}
+    sections = {title: summary(seconds) for title, seconds in timed.items()}
     return {
         "date": harness.utc_now(), "command": " ".join([COMMAND, *sys.argv[1:]]),
         "machine": harness.machine_info(args.threads), "loadavg_before": load_before,

@@ -1,150 +1,152 @@
-"""From the cases' runs to the report: runs pooled per case, ratios, design targets, markdown."""
+"""From the measurements to the report: per case the min and median step of the interleaved
+rounds, every ratio taken round by round, the peak memory of each case's own process, the
+design targets, and markdown."""
 
 from __future__ import annotations
 
 import statistics
 
-from bench.harness import error_cells, fmt, ratio, table_head, table_row
-from bench.lora_step.cases import MIN_STEPS_FOR_VERDICT, NOISY_SPREAD, PEFT_COUNTERPART, TARGETS
+from bench.harness import error_cells, fmt, table_head, table_row
+from bench.lora_step.cases import ABOVE_FLOOR, PEFT_COUNTERPART, TARGETS
 
-def combine_runs(runs: list[dict]) -> dict:
-    """One row from a case's runs: steps pooled, peak RSS the largest, any error wins."""
-    errors = [r["error"] for r in runs if "error" in r]
-    summaries = [{k: v for k, v in r.items() if k != "step_s"} for r in runs]
-    if errors:
-        where = f" (in {len(errors)} of {len(runs)} runs)" if len(runs) > 1 else ""
-        return {"case": runs[0]["case"], "error": errors[0] + where, "runs": summaries}
-    times = [t for r in runs for t in r["step_s"]]
-    return {
-        **runs[-1],
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "step_s": times,
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "wall_s": sum(r["wall_s"] for r in runs),
-        "loadavg_before": max(r["loadavg_before"] for r in runs),
-        "runs": summaries,
-    }
+REFERENCES = {"floor": lambda case: "floor", "full": lambda case: "full", "peft": PEFT_COUNTERPART.get}
 
 
-def peft_counterpart(case: str) -> str | None:
-    return PEFT_COUNTERPART.get(case)
+def step_ratio(seconds: dict[str, list[float]], case: str, reference: str | None) -> dict | None:
+    """``case`` over ``reference``: the ratio of each round's two steps (taken moments apart),
+    its median, and the ratio of the two minima; None when either was not timed."""
+    if reference is None or case not in seconds or reference not in seconds or case == reference:
+        return None
+    per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
+    return {"reference": reference, "median_of_rounds": statistics.median(per_round),
+            "of_min": min(seconds[case]) / min(seconds[reference]), "per_round": per_round}
 
 
-def add_ratios(results: dict) -> None:
-    """Fill in each row's ratios to floor and full and, for peftkit rows, to the matching PEFT row."""
-    for case, row in results.items():
-        row["ratio_to_floor"] = ratio(results, case, "floor", "median_s")
-        row["min_ratio_to_floor"] = ratio(results, case, "floor", "min_s")
-        row["ratio_to_full"] = ratio(results, case, "full", "median_s")
-        row["min_ratio_to_full"] = ratio(results, case, "full", "min_s")
-        row["rss_ratio_to_full"] = ratio(results, case, "full", "peak_rss_mb")
-        ref = peft_counterpart(case)
-        row["peft_reference"] = ref
-        row["ratio_to_peft"] = ratio(results, case, ref, "median_s") if ref else None
-        row["min_ratio_to_peft"] = ratio(results, case, ref, "min_s") if ref else None
-        row["rss_ratio_to_peft"] = ratio(results, case, ref, "peak_rss_mb") if ref else None
+def summarize(timing: dict, memory: dict[str, dict]) -> dict[str, dict]:
+    """One row per case of one allocator setting: its steps, ratios and memory."""
+    seconds = timing.get("seconds", {})
+    rows = {}
+    for case in list(seconds) + [c for c in timing.get("errors", {}) if c not in seconds]:
+        if case in timing.get("errors", {}):
+            rows[case] = {"case": case, "error": timing["errors"][case]}
+            continue
+        steps = seconds[case]
+        row = {"case": case, "trainable_params": timing["trainable_params"][case], "min_s": min(steps),
+               "median_s": statistics.median(steps), "step_s": steps, "final_loss": timing["final_loss"][case]}
+        for name, reference_of in REFERENCES.items():
+            row[f"to_{name}"] = step_ratio(seconds, case, reference_of(case))
+        to_floor = row["to_floor"]
+        # A case that does the floor's work and more cannot be faster than it.
+        row["below_floor"] = bool(case in ABOVE_FLOOR and to_floor is not None
+                                  and min(to_floor["median_of_rounds"], to_floor["of_min"]) < 1.0)
+        mem = memory.get(case, {})
+        row["peak_rss_mb"] = mem.get("peak_rss_mb")
+        row["memory_error"] = mem.get("error")
+        reference = PEFT_COUNTERPART.get(case)
+        theirs = memory.get(reference, {}).get("peak_rss_mb") if reference else None
+        row["rss_to_peft"] = row["peak_rss_mb"] / theirs if row["peak_rss_mb"] and theirs else None
+        rows[case] = row
+    return rows
 
 
-def check_targets(results: dict) -> list[dict]:
-    """Evaluate each design target that this run has both sides of."""
+def check_targets(rows: dict[str, dict]) -> list[dict]:
+    """Each design target that these rows have both sides of."""
     checks = []
     for case, reference, metric, limit in TARGETS:
-        value = ratio(results, case, reference, metric)
-        noisy = any(is_noisy(results[c]) or too_few_steps(results[c])
-                    for c in (case, reference) if "median_s" in results.get(c, {}))
-        checks.append({
-            "case": case, "reference": reference, "metric": metric, "max_ratio": limit,
-            "ratio": value, "met": None if value is None else value <= limit, "noisy": noisy,
-        })
+        row = rows.get(case, {})
+        if metric == "step":
+            kind = "to_floor" if reference == "floor" else "to_full" if reference == "full" else "to_peft"
+            found = row.get(kind)
+            value = found["median_of_rounds"] if found else None
+        else:
+            value = row.get("rss_to_peft")
+        checks.append({"case": case, "reference": reference, "metric": metric, "max_ratio": limit, "ratio": value,
+                       "met": None if value is None else value <= limit,
+                       "measurement_error": bool(row.get("below_floor")) and reference == "floor"})
     return checks
 
 
-def is_noisy(row: dict) -> bool:
-    return row["median_s"] > NOISY_SPREAD * row["min_s"]
+def _ratio_cell(found: dict | None) -> str:
+    if found is None:
+        return "n/a"
+    return f"{found['median_of_rounds']:.3f} ({found['of_min']:.3f})"
 
 
-def too_few_steps(row: dict) -> bool:
-    return len(row["step_s"]) < MIN_STEPS_FOR_VERDICT
-
-
-def noise_note(report: dict) -> str:
-    """Say how loaded the machine was, and whether any timing looks disturbed."""
-    loads = [r["loadavg_before"] for r in report["results"] if "loadavg_before" in r]
-    cpus = report["machine"]["cpu_count"]
-    note = f"1-minute load average before the cases: up to {max(loads):.1f} on {cpus} CPUs." if loads else ""
-    if any(is_noisy(r) for r in report["results"] if "error" not in r):
-        note += (f" † median more than {NOISY_SPREAD:.2f} x min: the machine was busy or noisy, "
-                 "so compare the min columns in the JSON (min_ratio_to_floor, min_ratio_to_peft) "
-                 "and rerun with more --steps or --repeats on a quiet machine.")
-    if any(too_few_steps(r) for r in report["results"] if "error" not in r):
-        note += (f" Fewer than {MIN_STEPS_FOR_VERDICT} timed steps per case (with no warm-up, the "
-                 "first includes one-time costs): the spread can't show noise, so the timings are "
-                 "a smoke test and the timing verdicts are not conclusive.")
-    return note.strip()
-
-
-def peft_ratio(row: dict, key: str) -> str:
-    """A ratio to the PEFT reference: "n/a" for a row that has none, "–" if it wasn't run."""
-    return "n/a" if row.get("peft_reference") is None else fmt(row[key], ".3f")
-
-
-def tokens_note(setup: dict) -> str:
-    """Say that every case trains on the same real tokens, and what prompt/prefix add."""
-    b, t, n = setup["batch"], setup["seq_len"], setup["num_virtual_tokens"]
-    return (
-        f"Every case trains on the same batch of {b} x {t} real tokens ({b * t:,}; labels = input_ids, "
-        f"the loss covers the real tokens only). Prompt tuning prepends {n} virtual tokens to each row, "
-        f"so {t + n} positions go through every layer; prefix tuning gives every attention layer {n} "
-        f"extra keys and values, so {t} queries attend over {t + n} keys. Their x floor and x full "
-        f"ratios include that extra sequence (floor and full run {t} positions)."
-    )
-
-
-def markdown_report(report: dict) -> str:
-    """A human-readable table of the run, followed by the design-target checks."""
-    m, s = report["machine"], report["setup"]
-    lines = [
-        "# Training step: peftkit vs Hugging Face PEFT",
-        "",
-        f"{report['date']} · {m['cpu_model']} · torch {m['torch']} · {m['torch_threads']} threads · "
-        f"transformers {m['transformers']} · peft {m['peft']}",
-        "",
-        f"Llama {s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, "
-        f"fp32, {s['attn_implementation']} attention, batch {s['batch']} x {s['seq_len']}, "
-        f"AdamW lr {s['lr']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']}, "
-        f"bottleneck adapters {s['adapter']['bottleneck']}, "
-        f"prefix and prompt tuning {s['num_virtual_tokens']} virtual tokens; "
-        f"{s['warmup']} warm-up + {s['steps']} timed steps per case in a fresh process"
-        + (f", {s['repeats']} interleaved processes per case." if s["repeats"] > 1 else "."),
-        "",
-        tokens_note(s),
-        "",
-        *table_head(["case", "trainable params", "median step (s)", "min step (s)", "x floor", "x full",
-                     "x PEFT", "peak RSS (MB)", "RSS x PEFT"]),
-    ]
-    for row in report["results"]:
+def setting_lines(name: str, setting: dict) -> list[str]:
+    """The table and the targets of one allocator setting."""
+    rows = setting["rows"]
+    lines = [f"## {name}", "", setting["describe"], "",
+             *table_head(["case", "trainable params", "min step (s)", "median step (s)", "x floor", "x PEFT",
+                          "x full", "peak RSS (MB)", "RSS x PEFT"])]
+    for row in rows.values():
         if "error" in row:
             lines.append(table_row(error_cells(row["case"], row["error"], 9)))
             continue
-        mark = " †" if is_noisy(row) else ""
+        mark = " **‡ below the floor: measurement error**" if row["below_floor"] else ""
         lines.append(table_row([
-            row["case"], f"{row['trainable_params']:,}", f"{row['median_s']:.3f}{mark}", f"{row['min_s']:.3f}",
-            fmt(row["ratio_to_floor"], ".3f"), fmt(row["ratio_to_full"], ".3f"), peft_ratio(row, "ratio_to_peft"),
-            f"{row['peak_rss_mb']:.0f}", peft_ratio(row, "rss_ratio_to_peft"),
+            row["case"] + mark, f"{row['trainable_params']:,}", f"{row['min_s']:.3f}", f"{row['median_s']:.3f}",
+            _ratio_cell(row["to_floor"]), _ratio_cell(row["to_peft"]), _ratio_cell(row["to_full"]),
+            fmt(row["peak_rss_mb"], ".0f") if not row["memory_error"] else "error",
+            fmt(row["rss_to_peft"], ".3f"),
         ]))
-    lines += ["", "x PEFT and RSS x PEFT compare a peftkit row with PEFT's same method and settings: "
-              + ", ".join(f"{k} with {v}" for k, v in PEFT_COUNTERPART.items())
-              + ". \"n/a\": no PEFT reference (PEFT has no bottleneck adapters); "
-              "\"–\": the reference case isn't in this run."]
-    lines += ["", noise_note(report)]
-    lines += ["", "Design targets (\"not measured\" when this run lacks a side of the comparison):", ""]
-    for t in report["targets"]:
+    lines += ["", "Targets:", ""]
+    for t in setting["targets"]:
+        if t["case"] not in rows or t["reference"] not in rows:
+            continue
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        if t["met"] is not None and t["metric"] == "median_s" and t["noisy"]:
-            verdict += ", but timings are noisy: not conclusive"
-        lines.append(
-            f"- {t['case']} {t['metric']} <= {t['max_ratio']:.2f} x {t['reference']}: "
-            f"{fmt(t['ratio'], '.3f')} ({verdict})"
-        )
-    return "\n".join(lines) + "\n"
+        if t["measurement_error"]:
+            verdict = "**not read: below the floor, a measurement error**"
+        what = "step" if t["metric"] == "step" else "peak RSS"
+        lines.append(f"- {t['case']} {what} <= {t['max_ratio']:.2f} x {t['reference']}: "
+                     f"{fmt(t['ratio'], '.3f')} ({verdict})")
+    return lines + [""]
+
+
+def allocator_lines(settings: dict) -> list[str]:
+    """Each case's min step with glibc tuned over its min step with the default allocator.
+    Two processes, so the machine's drift between them is in these ratios."""
+    if not {"default", "tuned"} <= set(settings):
+        return []
+    default, tuned = settings["default"]["rows"], settings["tuned"]["rows"]
+    lines = ["## The allocator: tuned / default", "",
+             "Min step with glibc tuned as `peftkit train` sets it, over the min step with glibc's defaults, per "
+             "case. The two settings ran in two processes one after the other, so a drift of the machine "
+             "between them is in these ratios too (the ratios within one setting have none).", "",
+             *table_head(["case", "min step tuned / default", "peak RSS tuned / default"])]
+    for case, row in tuned.items():
+        other = default.get(case, {})
+        if "error" in row or "error" in other or not other:
+            continue
+        rss = row["peak_rss_mb"] / other["peak_rss_mb"] if row["peak_rss_mb"] and other.get("peak_rss_mb") else None
+        lines.append(table_row([case, f"{row['min_s'] / other['min_s']:.3f}", fmt(rss, ".3f")]))
+    return lines + [""]
+
+
+def markdown_report(report: dict) -> str:
+    m, s = report["machine"], report["setup"]
+    lines = [
+        "# Training step: peftkit vs Hugging Face PEFT, interleaved",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{report['date']} · {m['cpu_model']} · torch {m['torch']} · {s['threads']} thread(s) · "
+        f"transformers {m['transformers']} · peft {m['peft']}",
+        "",
+        f"Llama {s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, fp32, "
+        f"{s['attn_implementation']} attention, batch {s['batch']} x {s['seq_len']}, AdamW lr {s['lr']}, "
+        f"LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout {s['lora']['dropout']}. "
+        f"Timing: every case built in one process, {s['warmup']} warm-up steps each, then {s['rounds']} rounds "
+        f"of one step per case (order reversed every round), each step timed by {s['clock']}. "
+        "x floor / x PEFT / x full: the median over the rounds of (case / reference in the same round), "
+        "and in brackets the ratio of the two minima. Peak RSS: one fresh process per case "
+        f"({s['memory_warmup']} + {s['memory_steps']} steps).",
+        "",
+        "The floor is the frozen model's forward and backward down to the outputs of the first layer's q and v "
+        "projections (leaves that require grad): exactly the activation gradients LoRA on q, v needs, without "
+        "LoRA's own work. A LoRA or full fine-tuning row below 1.0 x floor is marked ‡, a measurement error.",
+        "",
+    ]
+    for name, setting in report["settings"].items():
+        lines += setting_lines(name, setting)
+    lines += allocator_lines(report["settings"])
+    return "\n".join(lines).rstrip() + "\n"

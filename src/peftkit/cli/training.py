@@ -9,7 +9,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .. import distributed
+from .. import allocator, distributed
 from ..validate import InvalidValue
 from .output import _fail, _human_bytes, _table
 from .run_config import set_by
@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..validate import InvalidValue
 
     world = distributed.World.from_env()
+    allocator.tune_for_training()  # freed activation buffers kept for the next step (allocator.py)
 
     def fail(message: str) -> int:
         return _fail_on(world, message)
