@@ -52,11 +52,18 @@ def test_the_users_own_glibc_settings_or_the_opt_out_are_left_alone():
     assert faults("tune", PEFTKIT_MALLOC="default")[0] is False
 
 
-def test_peftkit_train_sets_it_for_its_own_process(monkeypatch):
+def test_peftkit_train_sets_it_for_its_own_process_once_the_model_is_loaded(monkeypatch, tmp_path):
+    from helpers import tiny_reference, write_jsonl
+
     from peftkit import allocator
     from peftkit.cli import main
 
+    folder, data = tmp_path / "reference", tmp_path / "train.jsonl"
+    tiny_reference().save_pretrained(folder)
+    write_jsonl(data, [{"text": "ab ab ab"}] * 4)
     calls = []
     monkeypatch.setattr(allocator, "tune_for_training", lambda: calls.append(1) or True)
-    assert main(["train", "--model", "reference", "--data", "/no/such/file.jsonl", "--out", "/tmp/x-none"]) == 2
+    monkeypatch.setattr("peftkit.runs.run_training", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stopped where training would start
+        main(["train", "--model", str(folder), "--data", str(data), "--out", str(folder / "out")])
     assert calls == [1]

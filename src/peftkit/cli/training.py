@@ -174,7 +174,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..validate import InvalidValue
 
     world = distributed.World.from_env()
-    allocator.tune_for_training()  # freed activation buffers kept for the next step (allocator.py)
 
     def fail(message: str) -> int:
         return _fail_on(world, message)
@@ -216,6 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                             dtype=precision.dtype, quantize=options.quantize,
                             meta=options.fsdp and world.active and not world.is_main)
         config = _method_config(args, loaded.tokenizer)
+        # From here on, freed activation buffers are kept for the next step (allocator.py); the
+        # model is loaded, so what its loading freed went back to the system as usual.
+        allocator.tune_for_training()
         summary = run_training(loaded, args.data, config, args.out, options, resume=args.resume,
                                progress=not args.no_progress,
                                preflight=_preflight_for(loaded, fmt, options.train_on))
