@@ -252,7 +252,8 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
                 "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
     # Every rank must be on this run: the same config, options and examples (paths may differ by node).
-    distributed.same_run(world, {"config": identity["config"], "options": identity["options"],
+    compared = {k: v for k, v in identity["options"].items() if k != "eval_data"}
+    distributed.same_run(world, {"config": identity["config"], "options": compared,
                                  "examples": [e.input_ids for e in train_set.examples[:64]],
                                  "counts": [len(train_set), len(eval_set)]})
     # Rank 0 claims the folder; the others start once it is claimed and cleaned.

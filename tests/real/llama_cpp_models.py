@@ -19,6 +19,7 @@ every model has its 49152-token vocabulary.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,18 @@ np.save(out, np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
 """
 
 
+# The environment of every llama.cpp process of the tests: llama_cpp_site/sitecustomize.py
+# steps around llama-cpp-python's crash on CPUs with AMX (see there).
+LLAMA_CPP_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).parent / "llama_cpp_site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def llama_cpp_logits(model: Path, lora: Path | None, tmp_path: Path) -> np.ndarray:
     """(tokens, vocab) logits from llama.cpp in a fresh process."""
     out = tmp_path / f"logits-{lora.stem if lora else 'base'}.npy"
     done = subprocess.run(
         [sys.executable, "-c", _LLAMA_CPP, str(model), str(lora or ""), str(out), ",".join(map(str, TOKENS))],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=LLAMA_CPP_ENV)
     assert done.returncode == 0 and out.is_file(), (
         f"llama.cpp failed (exit {done.returncode}) with lora={lora}:\n{done.stderr[-3000:]}")
     return np.load(out)

@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("fastapi")  # the llama_cpp.server extra (pip install 'llama-cpp-python[server]')
 pytest.importorskip("uvicorn")
 
-from llama_cpp_models import Q4_GGUF, require_smollm2, train_like_adapter  # noqa: E402
+from llama_cpp_models import LLAMA_CPP_ENV, Q4_GGUF, require_smollm2, train_like_adapter  # noqa: E402
 
 require_smollm2()
 
@@ -61,7 +61,7 @@ def llama_cpp_greedy(model: Path, jobs: list[tuple[Path | None, float]]) -> list
     done = subprocess.run(
         [sys.executable, "-c", _GREEDY, str(model), json.dumps([[str(p) if p else None, s] for p, s in jobs]),
          json.dumps(SAMPLING)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=LLAMA_CPP_ENV)
     assert done.returncode == 0, f"llama.cpp failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -122,7 +122,7 @@ def test_each_request_gets_llama_cpp_output_with_its_adapter_alone(adapters, tmp
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=LLAMA_CPP_ENV)
     try:
         assert wait_until_up(proc, url, log) == ["base", "a", "b", "b_half"]
         up = time.monotonic() - started

@@ -16,8 +16,8 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from llama_cpp_models import (  # noqa: E402
-    Q4_GGUF, TOKENS, compare, llama_cpp_logits, random_model, require_smollm2, tokenizer_fields, train_like_adapter,
-    write_gguf)
+    LLAMA_CPP_ENV, Q4_GGUF, TOKENS, compare, llama_cpp_logits, random_model, require_smollm2, tokenizer_fields,
+    train_like_adapter, write_gguf)
 
 require_smollm2()
 
@@ -45,7 +45,7 @@ print(",".join(map(str, out)))
 
 def llama_cpp_greedy(model) -> list[int]:
     done = subprocess.run([sys.executable, "-c", _GREEDY, str(model), ",".join(map(str, PROMPT)), str(NEW)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=LLAMA_CPP_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return [int(t) for t in done.stdout.strip().split(",")]
 
