@@ -148,6 +148,18 @@ def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path):
     _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 tied Llama 2 x 2 vs 1 x 4")
 
 
+def test_a_bfloat16_base_trains_sharded_beside_float32_adapters(folders, tmp_path):
+    args = ("--steps", 3, "--batch-size", 2, "--lr", 3e-3, "--checkpoint-every", 0, "--dtype", "bfloat16")
+    assert in_process(*train_args(folders, *args, "--batch-size", 4, "--out", tmp_path / "one")) == 0
+    two = torchrun(2, *train_args(folders, *args, "--fsdp", "--out", tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    assert "bfloat16" in two.stdout  # the summary names the base's dtype
+    adapter = _adapter(tmp_path / "two")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    # bf16 forwards in another order of sums: the same run, to bf16's precision.
+    _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 bf16 base 2 x 2 vs 1 x 4", atol=2e-3)
+
+
 def test_fsdp_it_cannot_shard_is_refused_with_one_clear_error(folders, tmp_path, capsys):
     assert in_process(*train_args(folders, "--fsdp", "--out", tmp_path / "a")) == 2
     assert "--fsdp shards the base over several ranks, and this run has one" in capsys.readouterr().err
