@@ -6,16 +6,15 @@ One optimiser step on a small random-weight Llama (8 layers, hidden 512, fp32, C
 
     optimizer.zero_grad(set_to_none=True); loss = model(...).loss; loss.backward(); optimizer.step()
 
-for twelve cases, each in its own fresh Python subprocess so that the peak resident
-memory (``ru_maxrss``) belongs to that case alone. The LoRA group (``--cases lora``):
+for up to twelve cases. The LoRA group (``--cases lora``, the default):
 
     full                 every parameter trainable (what LoRA is meant to avoid)
-    floor                forward + backward with no parameter trainable; the input
-                         embeddings are a detached leaf that requires grad, so the
-                         backward still computes every activation gradient. No
-                         optimiser step (nothing to update). This is the least any
-                         adapter method can cost: an adapter adds its own small
-                         matmuls and weight gradients on top of it.
+    floor                forward + backward with no parameter trainable; the outputs of
+                         layer 0's q_proj and v_proj are made leaves that require grad,
+                         so the backward computes every activation gradient above them
+                         and none below: exactly as far down as LoRA on q, v needs. No
+                         optimiser step (nothing to update). LoRA on q, v does all of
+                         this plus its own matmuls and weight gradients.
     peft-qv              HF PEFT LoRA r=8 on q_proj, v_proj
     peft-all-linear      HF PEFT LoRA r=8 on every linear layer but lm_head
     peftkit-qv           peftkit LoRA r=8 on q_proj, v_proj
@@ -34,32 +33,50 @@ Every case trains on the same 4 x 256 real tokens. Prompt tuning runs 20 more
 positions through every layer and prefix tuning attends over 20 more keys, so their
 ratios to floor and full include that extra sequence.
 
-Each case builds the same model from the same seed, runs ``--warmup`` untimed steps,
-then times ``--steps`` steps and reports the median and the minimum step time, the
-process's peak RSS at the end, and the trainable parameter count.
+How
+---
+These VMs drift by ±30% in speed from one process to the next, so cases timed in
+separate processes are not comparable. One worker process builds every case, runs
+``--warmup`` untimed steps of each, then ``--rounds`` rounds of one step per case, the
+order reversed every round. Each step is timed by the thread's CPU time
+(``time.thread_time``) on one torch thread, else by the wall clock. Cases interleaved
+in one process see the same drift, and every ratio is the median over the rounds of
+(case / reference in the same round), which cancels it; the ratio of the two minima is
+given beside it. Peak RSS comes from one fresh process per case (``--memory-warmup`` +
+``--memory-steps`` steps), so it belongs to that case alone. All of this is done once
+per allocator setting (``--malloc``): glibc as it comes, and as ``peftkit train`` sets
+it (``peftkit.allocator.tune_for_training``).
 
 Why
 ---
-The design targets for peftkit's LoRA are:
+The design targets (issue 21, ``cases.TARGETS``):
 
-    * peftkit-qv         median step <= 1.03 x floor
-    * peftkit-all-linear median step <= 1.08 x floor
-    * no slower and no bigger (peak RSS) than PEFT with the same targets,
+    * peftkit-qv         step <= 1.02 x floor
+    * peftkit-all-linear step <= 1.05 x floor
+    * peftkit-qv         step <= 1.00 x peft-qv,          peak RSS <= 1.00 x peft-qv
+    * peftkit-all-linear step <= 0.90 x peft-all-linear,  peak RSS <= 0.85 x peft-all-linear
+    * peftkit-prefix, peftkit-prompt: step and peak RSS <= 1.00 x PEFT's same method
 
-and for prefix and prompt tuning: no slower and no bigger than PEFT's same method.
 (PEFT has no bottleneck adapters, so the adapter rows have no PEFT reference.)
 
-The "floor" makes the first two checkable: it is the cost of the frozen model's
-forward and backward, which LoRA cannot avoid. The PEFT rows make the third one
-checkable on the same machine in the same run.
+The floor makes the first two checkable: it is the frozen model's forward and the part
+of its backward that LoRA cannot avoid. An earlier floor made the input embeddings the
+leaf, so its backward went through layer 0 into the embeddings, which LoRA never needs,
+and LoRA could come out faster than the floor. With this floor, a LoRA or full row
+below 1.0 x floor (``cases.ABOVE_FLOOR``) is a measurement error, and the report marks
+it so. The PEFT rows make the other targets checkable on the same machine in the same
+process.
 
-A case that fails (peftkit not importable yet, an exception in a step, a crash, a
-timeout) becomes an error row with the message; the other cases still run.
+A case that cannot be built or fails a warm-up step becomes an error row with the
+message; the other cases still run.
 
-Layout: ``cases`` (the case names, settings and targets, and what a worker process runs),
-``report`` (runs pooled per case, ratios, targets, markdown) and ``__main__`` (the command line).
+Layout: ``cases`` (the case names, settings and targets, the interleaved timing and
+the memory worker), ``report`` (per-round ratios, targets, markdown) and ``__main__``
+(the command line).
 
 Usage (from the repository root):
-        python -m bench.lora_step [--cases lora|methods|floor,peft-qv,...] [--steps 10]
-Writes: bench/results/lora_step.json and bench/results/lora_step.md
+        python -m bench.lora_step [--cases lora|methods|all|floor,peft-qv,...] [--rounds 8]
+                                  [--malloc default|tuned|both]
+        python -m bench.lora_step --cases methods --malloc default --name methods_step
+Writes: OUT_DIR/NAME.json and OUT_DIR/NAME.md (default bench/results/lora_step.{json,md})
 """
