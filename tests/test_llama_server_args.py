@@ -128,7 +128,7 @@ def test_the_config_has_base_first_and_one_entry_per_adapter(files, capsys):
     printed = capsys.readouterr().out
     config = json.loads((files / "work" / llama_server.CONFIG_NAME).read_text())
     assert json.loads(printed[:printed.index("\n# written to")]) == config
-    assert "-m llama_cpp.server --config_file" in printed
+    assert "-m peftkit.llama_cpp_launch --config_file" in printed  # llama_cpp.server, AMX crash stepped around
     assert (config["host"], config["port"]) == ("127.0.0.1", 9123)
     models = config["models"]
     assert [m["model_alias"] for m in models] == ["base", "a", "b"]  # base: what unknown names get
@@ -165,3 +165,21 @@ def test_the_default_work_dir_is_in_the_cache_and_follows_the_inputs(files):
     assert first.parent == files / "cache" / "serve" and first.name.startswith("base-")
     assert llama_server.default_work_dir(files / "base.gguf", a) == first
     assert llama_server.default_work_dir(files / "base.gguf", [llama_server.AdapterSpec("a", files / "a.gguf", 2.0)]) != first
+
+
+def test_the_launcher_turns_llama_cpp_s_extra_buffers_off_only_on_a_cpu_with_amx(tmp_path, monkeypatch):
+    from peftkit import llama_cpp_launch
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    plain.write_text("flags\t\t: fpu avx2 fma\n")
+    assert llama_cpp_launch.cpu_has_amx(amx) and not llama_cpp_launch.cpu_has_amx(plain)
+    assert not llama_cpp_launch.cpu_has_amx(tmp_path / "no-such-file")
+    native = pytest.importorskip("llama_cpp.llama_cpp")
+    monkeypatch.setattr(native, "llama_model_default_params", native.llama_model_default_params)
+    original = native.llama_model_default_params()
+    assert original.use_extra_bufts  # llama.cpp's default: repack
+    llama_cpp_launch.without_extra_buffers()
+    llama_cpp_launch.without_extra_buffers()  # twice: still one wrapper
+    assert native.llama_model_default_params().use_extra_bufts is False
+    assert native.llama_model_default_params().n_gpu_layers == original.n_gpu_layers  # the rest as it was

@@ -240,7 +240,8 @@ def write_config(config: dict, work_dir: Path) -> Path:
 
 
 def server_command(config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_path)]
+    """llama_cpp.server through ``llama_cpp_launch`` (llama.cpp's crash on AMX CPUs, stepped around)."""
+    return [sys.executable, "-m", "peftkit.llama_cpp_launch", "--config_file", str(config_path)]
 
 
 def check_port(host: str, port: int) -> None:

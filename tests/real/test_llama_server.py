@@ -122,7 +122,8 @@ def test_each_request_gets_llama_cpp_output_with_its_adapter_alone(adapters, tmp
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=LLAMA_CPP_ENV)
+        # Not LLAMA_CPP_ENV: peftkit serve steps around llama.cpp's AMX crash by itself.
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         assert wait_until_up(proc, url, log) == ["base", "a", "b", "b_half"]
         up = time.monotonic() - started
