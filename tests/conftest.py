@@ -6,11 +6,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# In-process `peftkit train` calls would tune glibc for the rest of the session (allocator.py):
+# the tests keep glibc's defaults (tests/test_allocator.py sets it in fresh processes).
+os.environ.setdefault("PEFTKIT_MALLOC", "default")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,15 @@ if os.environ.get("PEFTKIT_TEST_FAIL") == "rank-0-reads" and os.environ.get("RAN
         raise RuntimeError(f"rank {os.environ['RANK']} read a weights file")
     safetensors.safe_open = safetensors.torch.safe_open = safetensors.torch.load_file = refused
     folder.read = refused
+if os.environ.get("PEFTKIT_TEST_FAIL") == "other-buffers" and os.environ.get("RANK", "0") == "1":
+    import torch
+    from peftkit import loading
+    original = loading._load_on_meta
+    def with_a_buffer_more(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        loaded.model.register_buffer("stray", torch.zeros(3), persistent=False)
+        return loaded
+    loading._load_on_meta = with_a_buffer_more
 '''
 
 
@@ -119,7 +128,7 @@ def test_a_sharded_run_killed_then_resumed_gives_the_uninterrupted_adapter(folde
         torch.testing.assert_close(again[key], expected[key], rtol=0, atol=0)
 
 
-def test_a_sharded_run_resumes_on_another_rank_count_with_the_same_global_batch(folders, tmp_path):
+def test_a_sharded_run_resumes_on_another_rank_count_with_the_same_global_batch(folders, tmp_path, capsys):
     # Dropout 0: ranks draw their masks by rank, so only without it may the rank count change.
     args = ("--steps", 12, "--lr", 3e-3, "--dropout", 0, "--checkpoint-every", 4, "--fsdp")
     whole = torchrun(2, *train_args(folders, *args, "--batch-size", 3, "--out", tmp_path / "whole"))
@@ -134,6 +143,10 @@ def test_a_sharded_run_resumes_on_another_rank_count_with_the_same_global_batch(
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step 4" in resumed.stdout or "resumed at step 8" in resumed.stdout
     _same_adapter(killed, tmp_path / "whole", "FSDP2 2 x 3, resumed on 3 x 2")
+    # Its run.json replays as a config (global_batch_size is recorded, not an option): here on
+    # one rank, so --fsdp itself is what stops it.
+    assert in_process("--config", killed / "run.json", "--out", tmp_path / "again") == 2
+    assert "--fsdp shards the base over several ranks, and this run has one" in capsys.readouterr().err
 
 
 def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path):
@@ -158,6 +171,15 @@ def test_a_bfloat16_base_trains_sharded_beside_float32_adapters(folders, tmp_pat
     assert {t.dtype for t in adapter.values()} == {torch.float32}
     # bf16 forwards in another order of sums: the same run, to bf16's precision.
     _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 bf16 base 2 x 2 vs 1 x 4", atol=2e-3)
+
+
+def test_ranks_that_built_other_buffers_are_refused_before_any_is_sent(folders, tmp_path):
+    args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--no-progress", "--steps", 1,
+            "--batch-size", 2, "--fsdp", "--out", tmp_path / "b"]
+    proc = torchrun(2, *args, env=sitecustomize_env(folders / "site", "other-buffers"))
+    assert proc.returncode != 0
+    assert "rank 0: error: rank(s) [1] built the model with other buffers than rank 0" in proc.stderr
+    assert not (tmp_path / "b" / "adapter").exists()
 
 
 def test_fsdp_it_cannot_shard_is_refused_with_one_clear_error(folders, tmp_path, capsys):

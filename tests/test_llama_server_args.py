@@ -128,7 +128,7 @@ def test_the_config_has_base_first_and_one_entry_per_adapter(files, capsys):
     printed = capsys.readouterr().out
     config = json.loads((files / "work" / llama_server.CONFIG_NAME).read_text())
     assert json.loads(printed[:printed.index("\n# written to")]) == config
-    assert "-m peftkit.llama_cpp_launch --config_file" in printed  # llama_cpp.server, AMX crash stepped around
+    assert "peftkit/llama_cpp_launch.py --config_file" in printed  # llama_cpp.server, AMX crash stepped around
     assert (config["host"], config["port"]) == ("127.0.0.1", 9123)
     models = config["models"]
     assert [m["model_alias"] for m in models] == ["base", "a", "b"]  # base: what unknown names get
@@ -173,13 +173,42 @@ def test_the_launcher_turns_llama_cpp_s_extra_buffers_off_only_on_a_cpu_with_amx
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
     plain.write_text("flags\t\t: fpu avx2 fma\n")
-    assert llama_cpp_launch.cpu_has_amx(amx) and not llama_cpp_launch.cpu_has_amx(plain)
     assert not llama_cpp_launch.cpu_has_amx(tmp_path / "no-such-file")
     native = pytest.importorskip("llama_cpp.llama_cpp")
     monkeypatch.setattr(native, "llama_model_default_params", native.llama_model_default_params)
-    original = native.llama_model_default_params()
-    assert original.use_extra_bufts  # llama.cpp's default: repack
-    llama_cpp_launch.without_extra_buffers()
-    llama_cpp_launch.without_extra_buffers()  # twice: still one wrapper
-    assert native.llama_model_default_params().use_extra_bufts is False
-    assert native.llama_model_default_params().n_gpu_layers == original.n_gpu_layers  # the rest as it was
+    original = native.llama_model_default_params
+    assert original().use_extra_bufts  # llama.cpp's default: repack
+    assert llama_cpp_launch.avoid_amx_crash(plain) is False
+    assert native.llama_model_default_params is original  # no AMX: llama.cpp as it is
+    assert llama_cpp_launch.avoid_amx_crash(amx) is True
+    wrapped = native.llama_model_default_params
+    assert wrapped().use_extra_bufts is False
+    assert wrapped().n_gpu_layers == original().n_gpu_layers  # the rest as it was
+    assert llama_cpp_launch.avoid_amx_crash(amx) is True
+    assert native.llama_model_default_params is wrapped  # twice: still the one wrapper
+
+
+def test_the_launcher_runs_without_importing_peftkit_or_torch(tmp_path):
+    """The server process is llama_cpp.server's own: a stand-in llama_cpp.server module shows
+    what the launcher has imported by the time the server starts."""
+    import subprocess
+    import sys
+
+    from peftkit import llama_cpp_launch
+
+    fake = tmp_path / "site" / "llama_cpp"
+    (fake / "server").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "llama_cpp.py").write_text(
+        "import ctypes\nclass llama_model_params(ctypes.Structure):\n    _fields_ = [('use_extra_bufts', ctypes.c_bool)]\n"
+        "def llama_model_default_params():\n    return llama_model_params(True)\n")
+    (fake / "server" / "__init__.py").write_text("")
+    (fake / "server" / "__main__.py").write_text(
+        "import sys\nfrom llama_cpp.llama_cpp import llama_model_default_params as params\n"
+        "print(sorted(m for m in ('peftkit', 'torch', 'data', 'config') if m in sys.modules), sys.argv[1:], "
+        "params().use_extra_bufts)\n")
+    done = subprocess.run([sys.executable, llama_cpp_launch.__file__, "--config_file", "x.json"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    repack = not llama_cpp_launch.cpu_has_amx()  # off in the server on a CPU with AMX only
+    assert done.stdout.strip() == f"[] ['--config_file', 'x.json'] {repack}"

@@ -15,6 +15,7 @@ does anything.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)  # the longest one rank may wait for the others
 
 # Set by ``launch`` in the workers' environment: their --nproc is the launcher's, not a request
 # to launch again.
@@ -98,13 +101,16 @@ def joined(device: torch.device) -> Iterator[World]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Under --fsdp the other ranks wait in the first collective while rank 0 alone reads the
+    # whole base and runs the doctor on it: NCCL's 10 minutes is too short for a large model.
+    # A rank that dies is noticed by torchrun at once, whatever this is.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     yield world
     dist.destroy_process_group()
 
 
 # What gloo and NCCL say when a rank in a collective with this one has died.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator was aborted")
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
 def peer_lost(error: BaseException) -> bool:
@@ -207,12 +213,10 @@ def agree(world: World, check: Callable[[], None]) -> None:
     raise StoppedByRank(0, bytes(text.cpu().tolist()).decode(errors="replace"))
 
 
-def same_run(world: World, description: dict) -> None:
-    """Refuse ranks that were not started on the same run: every rank hashes ``description``
-    (the run's method config, options and data, as JSON), the hashes are gathered, and when
-    they differ rank 0 raises ``DistributedError`` naming the ranks that differ from it (the
-    others ``StoppedByRank``). Such ranks would otherwise train a different model each, or
-    hang in a collective that only some of them reach."""
+def _same_everywhere(world: World, description, refusal: Callable[[list[int]], str]) -> None:
+    """Refuse ranks whose ``description`` (JSON-able) differs from rank 0's: every rank hashes
+    it, the hashes are gathered, and rank 0 raises ``DistributedError(refusal(ranks))`` naming
+    the ranks that differ (the others ``StoppedByRank``)."""
     if not world.active:
         return
     digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).digest()
@@ -223,10 +227,18 @@ def same_run(world: World, description: dict) -> None:
     def check() -> None:
         differ = [rank for rank, theirs in enumerate(every) if not torch.equal(theirs, every[0])]
         if differ:
-            raise DistributedError(f"rank(s) {differ} were given another run than rank 0 (another method config, "
-                                   "option or data file): start every rank with the same command, model and data.")
+            raise DistributedError(refusal(differ))
 
     agree(world, check)
+
+
+def same_run(world: World, description: dict) -> None:
+    """Refuse ranks that were not started on the same run (``description``: its method config,
+    options and data). Such ranks would otherwise train a different model each, or hang in a
+    collective that only some of them reach."""
+    _same_everywhere(world, description, lambda differ: (
+        f"rank(s) {differ} were given another run than rank 0 (another method config, option or data "
+        "file): start every rank with the same command, model and data."))
 
 
 def check_nproc(nproc: int, device: torch.device) -> None:
@@ -309,18 +321,21 @@ def on_meta(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _share_buffers(model: torch.nn.Module) -> None:
+def _share_buffers(model: torch.nn.Module, world: World) -> None:
     """Rank 0's buffers to every rank (the same module tree everywhere, so the same order).
     A model built on the meta device has none of its buffers' values, and the state dict
     leaves out the non-persistent ones (rotary inverse frequencies). They are small."""
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is None:
-                continue
-            wire = torch.empty(buffer.shape, dtype=buffer.dtype, device=_wire()) if buffer.is_meta \
-                else buffer.to(_wire())
-            dist.broadcast(wire, 0)
-            module._buffers[name] = wire.to("cpu" if buffer.is_meta else buffer.device)
+    owned = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+             if buffer is not None]
+    # A meta rank receives into tensors of its own shapes and dtypes: they must be rank 0's.
+    _same_everywhere(world, [(name, list(buffer.shape), str(buffer.dtype)) for _, name, buffer in owned],
+                     lambda differ: (f"rank(s) {differ} built the model with other buffers than rank 0 (names, "
+                                     "shapes or dtypes), so rank 0's cannot be sent to them; start every rank "
+                                     "with the same peftkit, transformers and model."))
+    for module, name, buffer in owned:
+        wire = torch.empty(buffer.shape, dtype=buffer.dtype, device=_wire()) if buffer.is_meta else buffer.to(_wire())
+        dist.broadcast(wire, 0)
+        module._buffers[name] = wire.to("cpu" if buffer.is_meta else buffer.device)
 
 
 def shard(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
@@ -334,7 +349,9 @@ def shard(model: torch.nn.Module, world: World, device: torch.device) -> torch.n
     (``on_meta``), rank 0's whole model, on the CPU, is the only copy: each of its tensors is
     broadcast in turn and every rank keeps its rows of it (``set_model_state_dict`` with
     ``broadcast_from_rank0``), adapters included, so every rank starts from rank 0's adapter
-    initialisation. No device ever holds more than its shards."""
+    initialisation. So no device holds the whole model: rank 0's holds one module's full
+    weights at a time while ``fully_shard`` cuts them (the root's: embeddings and head), and
+    every rank's one full tensor at a time while it is broadcast; the rest are shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -342,7 +359,7 @@ def shard(model: torch.nn.Module, world: World, device: torch.device) -> torch.n
     broadcast = all_sum(float(on_meta(model)), world) > 0
     whole = model.state_dict() if broadcast and world.is_main else {}  # rank 0's tensors, kept alive
     if broadcast:
-        _share_buffers(model)
+        _share_buffers(model, world)
     mesh = init_device_mesh(device.type, (world.size,))
     for block in blocks(model):
         fully_shard(block, mesh=mesh)

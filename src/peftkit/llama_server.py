@@ -240,8 +240,10 @@ def write_config(config: dict, work_dir: Path) -> Path:
 
 
 def server_command(config_path: Path) -> list[str]:
-    """llama_cpp.server through ``llama_cpp_launch`` (llama.cpp's crash on AMX CPUs, stepped around)."""
-    return [sys.executable, "-m", "peftkit.llama_cpp_launch", "--config_file", str(config_path)]
+    """llama_cpp.server through ``llama_cpp_launch`` (llama.cpp's crash on AMX CPUs, stepped
+    around), run as a file so that the server does not import peftkit and torch."""
+    launcher = Path(__file__).with_name("llama_cpp_launch.py")
+    return [sys.executable, str(launcher), "--config_file", str(config_path)]
 
 
 def check_port(host: str, port: int) -> None:

@@ -33,6 +33,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
+NO_REFERENCE_HEAD = ("the reference decoder has no classification head; use a transformers model "
+                     "(e.g. BertForSequenceClassification) for {'text', 'label'} data.")
+
+
 class ModelLoadError(ValueError):
     """A model path that cannot be loaded, with what to do about it."""
 
@@ -196,8 +200,7 @@ def _load(path: str | Path, task: str, num_labels: int | None, progress: bool,
     weights = weights_file(folder)
     if config.get("model_type") == ReferenceConfig.model_type:
         if task != "causal-lm":
-            raise ModelLoadError("the reference decoder has no classification head; use a transformers "
-                                 "model (e.g. BertForSequenceClassification) for {'text', 'label'} data.")
+            raise ModelLoadError(NO_REFERENCE_HEAD)
         try:
             model = ReferenceDecoder.from_pretrained(folder)
         except (OSError, ValueError, TypeError) as e:
@@ -213,8 +216,11 @@ def _load_on_meta(path: str | Path, task: str, num_labels: int | None, progress:
     folder = reference_base(progress) if str(path) == REFERENCE else Path(path)
     if not folder.is_dir() or gguf_file_in(folder) is not None:
         return None
-    config = _read_config(folder)
+    # Refused as rank 0 refuses it: a rank must not start the run that rank 0 stops.
+    config, _ = _read_config(folder), weights_file(folder)
     if config.get("model_type") == ReferenceConfig.model_type:
+        if task != "causal-lm":
+            raise ModelLoadError(NO_REFERENCE_HEAD)
         with torch.device("meta"):
             model = ReferenceDecoder(ReferenceConfig.from_dict(config)).to(dtype)
         return LoadedModel(model.eval(), ByteTokenizer(), str(folder))

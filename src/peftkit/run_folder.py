@@ -100,7 +100,25 @@ def _as_written_now(identity: dict, defaults: dict) -> dict:
     return {**identity, "model": model, "options": options}
 
 
-def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> None:
+def _per_rank_batch_aside(previous: dict, identity: dict) -> tuple[dict, dict]:
+    """Both identities without each rank's batch size when both record the same global batch
+    (an FSDP2 run, which resumes on another rank count that gives the same global batch)."""
+    global_batch = identity.get("global_batch_size")
+    if global_batch is None:
+        return previous, identity
+    if "global_batch_size" not in previous:  # written before it was recorded: each rank's batch must match
+        return previous, {k: v for k, v in identity.items() if k != "global_batch_size"}
+    if previous["global_batch_size"] != global_batch:
+        return previous, identity
+
+    def aside(ident: dict) -> dict:
+        options = {k: v for k, v in ident.get("options", {}).items() if k != "batch_size"}
+        return {**ident, "options": options}
+
+    return aside(previous), aside(identity)
+
+
+def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshardable: bool = False) -> None:
     """Under the lock: decide whether this run may use ``out_dir``, then clean and stamp it.
 
     Only a folder with a checkpoint or a finished adapter holds a run. Such a folder must
@@ -115,6 +133,8 @@ def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> None
         if not run_file.is_file():
             raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
         previous = _as_written_now(_read_run_file(run_file), defaults)
+        if reshardable:
+            previous, identity = _per_rank_batch_aside(previous, identity)
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise RunFolderError(f"{out_dir} holds a different run (it differs in {changed}); pick another --out.")
@@ -134,11 +154,13 @@ def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> None
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
-def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> IO[str]:
+def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshardable: bool = False) -> IO[str]:
     """Take ``out_dir`` for this run and return the open lock file: the folder stays locked
     until it is closed (or the process ends). Refused with ``RunFolderError``: a path that is
     not a folder, a folder that cannot be written, a non-empty folder that is not a peftkit
-    run's, a folder another run is using, and what ``_settle`` refuses."""
+    run's, a folder another run is using, and what ``_settle`` refuses. ``reshardable`` (an
+    FSDP2 run): a run.json with the same ``global_batch_size`` is this run whatever each rank's
+    batch size was (it resumes on another rank count)."""
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise RunFolderError(f"--out {out_dir} is a file, not a folder; pick a folder (it is created if missing).")
@@ -151,7 +173,7 @@ def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool) -
         raise RunFolderError(f"cannot use {out_dir} as --out: {e.strerror or e}; pick a folder you can "
                              "write to.") from e
     try:
-        _settle(out_dir, identity, defaults, resume)
+        _settle(out_dir, identity, defaults, resume, reshardable)
     except OSError as e:
         lock.close()
         raise RunFolderError(f"cannot prepare {out_dir} for the run: {e}; pick another --out.") from e

@@ -186,8 +186,9 @@ def run_training(loaded, data_path: str | Path, config: PeftConfig, out_dir: str
     trains on batch_size x ranks rows; ranks given another run are refused (``same_run``).
     Rank 0 alone claims and writes the folder, logs, evaluates and shows progress; every rank
     returns once the adapter is written. With ``fsdp`` only rank 0 holds the whole model (on
-    the CPU; the others on the meta device), and run.json records the global batch, so the
-    run resumes on another rank count that gives the same.
+    the CPU; the others on the meta device, except for a .gguf base, which every rank reads),
+    and run.json records the global batch, so the run resumes on another rank count that
+    gives the same.
     """
     # Checked again: a field assigned after construction skipped __post_init__.
     options = dataclasses.replace(options)
@@ -242,22 +243,22 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
     if options.eval_data is not None:  # absolute, so that run.json re-runs from any folder
         run_options["eval_data"] = str(Path(options.eval_data).resolve())
     defaults = {f.name: f.default for f in dataclasses.fields(RunOptions) if f.name not in NOT_IDENTITY}
-    if options.fsdp:
-        # A sharded run resumes on any rank count with the same global batch, so that, not each
-        # rank's share of it, is the run's (torch.distributed.checkpoint reshards the state).
-        del run_options["batch_size"], defaults["batch_size"]
-        run_options["global_batch_size"] = rows
     model = Path(loaded.source)
     identity = {"model": str(model.resolve()) if model.exists() else loaded.source,
                 "data": str(Path(data_path).resolve()), "config": config.to_dict(),
                 "options": {**run_options, "steps": steps}}
+    if options.fsdp:
+        # A sharded run resumes on any rank count with the same global batch: that, not each
+        # rank's share of it, is what must match (torch.distributed.checkpoint reshards the state).
+        identity["global_batch_size"] = rows
     # Every rank must be on this run: the same config, options and examples (paths may differ by node).
-    compared = {k: v for k, v in identity["options"].items() if k != "eval_data"}
-    distributed.same_run(world, {"config": identity["config"], "options": compared,
+    compared_options = {k: v for k, v in identity["options"].items() if k != "eval_data"}
+    compared_config = {k: v for k, v in identity["config"].items() if k != "base_model_name_or_path"}
+    distributed.same_run(world, {"config": compared_config, "options": compared_options,
                                  "examples": [e.input_ids for e in train_set.examples[:64]],
                                  "counts": [len(train_set), len(eval_set)]})
     # Rank 0 claims the folder; the others start once it is claimed and cleaned.
-    claim = claim_out_dir(out_dir, identity, defaults, resume) if world.is_main else None
+    claim = claim_out_dir(out_dir, identity, defaults, resume, reshardable=options.fsdp) if world.is_main else None
     distributed.barrier(world)
     with contextlib.closing(claim) if claim is not None else contextlib.nullcontext():
         if not options.fsdp:

@@ -442,7 +442,8 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
     ``torch.distributed.checkpoint`` and resume on any rank count with the same global batch.
     The model stays sharded: the caller evaluates it on every rank (each forward gathers
     every block) and saves it with ``distributed.full`` tensors. Its shards go to ``device``
-    (default: where rank 0's model is), so rank 0 may hold the whole model on the CPU and the
+    (default: where this rank's model is; pass it when that is the CPU or the meta device), so
+    rank 0 may hold the whole model on the CPU and the
     other ranks on the meta device (``distributed.shard`` loads them from rank 0);
     ``on_sharded()`` runs on every rank once it is sharded, before a checkpoint is restored
     (the held-out score before training).

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("config", "options")
+# What a run.json records beside the options, derived from them: read back, it sets nothing.
+RECORDED = ("global_batch_size",)  # an FSDP2 run's batch size x ranks
 LISTS = {"targets": ","}  # options whose flag takes a comma-separated list; a file may give a list
 # Names other trainers' configs use (Hugging Face TrainingArguments and PEFT, axolotl), which
 # no spelling distance leads to: learning_rate is closest to warmup_ratio by letters.
@@ -123,7 +125,7 @@ def read(path: str, train: argparse.ArgumentParser) -> RunConfig:
         sources[dest] = f"{'.'.join(key)} at {located[dest]}"
 
     for key, value in data.items():
-        if key in SECTIONS:
+        if key in SECTIONS or key in RECORDED:
             continue
         if key not in keys:
             raise ConfigError(f"{at(key)}: unknown key {key!r}; {_closest(key, [*keys, *SECTIONS])}")

@@ -232,8 +232,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not world.active:
             raise
         if distributed.peer_lost(e):  # the rank that died printed the error that matters
-            print(f"rank {world.rank}: stopped: another rank left the run; its error is above, and nothing of "
-                  "the unfinished step was saved.", file=sys.stderr)
+            print(f"rank {world.rank}: stopped: another rank left the run (its error is above); what the "
+                  "checkpoints hold is kept.", file=sys.stderr)
             return 1
         traceback.print_exc()
         print(f"rank {world.rank}: error: {type(e).__name__}: {e}", file=sys.stderr)
