@@ -15,7 +15,8 @@ from helpers import tiny_gpt2, tiny_llama, tiny_reference
 
 import peftkit
 from peftkit.precision import Precision, PrecisionError, base_dtype, dtype_named, place, resolve_device, resolve_dtype
-from peftkit.train import _checkpoint_paths, train
+from peftkit.train import train
+from peftkit.train_checkpoints import checkpoint_paths
 
 TOLERANCE = 3e-2
 
@@ -188,7 +189,7 @@ def test_a_killed_float16_run_resumes_to_the_same_adapter_and_loss_scale(tmp_pat
 
     whole = run("a")
     run("b", kill_at=9)
-    state = torch.load(_checkpoint_paths(tmp_path / "b")[-1] / "state.pt", weights_only=True)
+    state = torch.load(checkpoint_paths(tmp_path / "b")[-1] / "state.pt", weights_only=True)
     assert 0 < state["grad_scaler"]["scale"] < 2.0 ** 22 and 1 <= state["skipped_steps"] < state["step"]
     resumed = run("b", seed=123, resume=True)
     for name in whole:

@@ -9,8 +9,9 @@ import torch
 from helpers import tiny_reference
 
 import peftkit
-from peftkit.train import (LORA_PLUS_RATIO, _checkpoint_paths, default_learning_rate, default_parameter_groups,
+from peftkit.train import (LORA_PLUS_RATIO, default_learning_rate, default_parameter_groups,
                            train, warmup_cosine)
+from peftkit.train_checkpoints import checkpoint_paths
 
 
 def make_run(seed: int = 0):
@@ -96,7 +97,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     with pytest.raises(Killed):
         train(pm, batches, steps=10, lr=1e-2, progress=False, grad_accum=2,
               checkpoint_dir=tmp_path / "b", checkpoint_every=3, on_step=die_at_7)
-    assert [p.name for p in _checkpoint_paths(tmp_path / "b")] == ["step-00000006"]  # only the newest kept
+    assert [p.name for p in checkpoint_paths(tmp_path / "b")] == ["step-00000006"]  # only the newest kept
     (tmp_path / "b" / ".partial-xyz").mkdir()  # a checkpoint cut short by a kill is ignored
 
     pm, batches = make_run(seed=123)  # a fresh process: different init, restored from disk

@@ -11,7 +11,8 @@ import torch
 from helpers import tiny_bert_classifier, tiny_reference
 
 import peftkit
-from peftkit.train import NonFiniteError, _checkpoint_paths, evaluate, train
+from peftkit.train import NonFiniteError, evaluate, train
+from peftkit.train_checkpoints import checkpoint_paths
 from peftkit.validate import InvalidValue
 
 
@@ -86,8 +87,8 @@ def test_a_nan_gradient_stops_at_that_step_naming_the_group_and_keeping_the_chec
     assert "step 3" in message and "gradient" in message and b_name in message
     assert "--lr" in message and "--lora-plus-ratio" in message and "\n" not in message
     assert logged == [1, 2]
-    assert [p.name for p in _checkpoint_paths(tmp_path)] == ["step-00000002"]
-    assert error.checkpoint == _checkpoint_paths(tmp_path)[-1] and str(error.checkpoint) in message
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step-00000002"]
+    assert error.checkpoint == checkpoint_paths(tmp_path)[-1] and str(error.checkpoint) in message
     now = adapter_state(pm)
     assert all(torch.equal(now[n], states[2][n]) for n in now)
     assert all(torch.isfinite(p).all() for p in now.values())
@@ -100,7 +101,7 @@ def test_a_loss_that_becomes_nan_stops_the_run_at_that_step(tmp_path):
         train(pm, batches, steps=5, lr=1e30, warmup_ratio=0.0, progress=False,
               checkpoint_dir=tmp_path, checkpoint_every=1)
     assert caught.value.where == "loss"
-    assert [p.name for p in _checkpoint_paths(tmp_path)] == ["step-00000001"]
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step-00000001"]
     assert "--lora-plus-ratio" not in str(caught.value)  # one explicit rate: no LoRA+ to turn down
 
 

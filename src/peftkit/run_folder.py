@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from .formats import atomic
-from .train import _checkpoint_paths
+from .train_checkpoints import checkpoint_paths
 
 
 class RunFolderError(ValueError):
@@ -128,7 +128,7 @@ def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshard
     (new run.json, empty log), and ``resume`` is refused because there is nothing to resume.
     """
     run_file = out_dir / RUN_FILE
-    has_checkpoint = bool(_checkpoint_paths(out_dir / CHECKPOINTS))
+    has_checkpoint = bool(checkpoint_paths(out_dir / CHECKPOINTS))
     if has_checkpoint or (out_dir / ADAPTER).is_dir():
         if not run_file.is_file():
             raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")

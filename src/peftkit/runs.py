@@ -19,7 +19,8 @@ from .config import PeftConfig
 from . import adapter_files, distributed, packing
 from .model import PeftModel
 from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
-from .train import CHECKPOINT_PREFIX, LORA_PLUS_RATIO, MAX_GRAD_NORM, _checkpoint_paths, evaluate, train
+from .train import LORA_PLUS_RATIO, MAX_GRAD_NORM, evaluate, train
+from .train_checkpoints import CHECKPOINT_PREFIX, checkpoint_paths
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
 from .nf4 import SCHEMES as QUANTIZE_SCHEMES
 from .chat import TRAIN_ON
@@ -290,7 +291,7 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
         checkpoints = out_dir / CHECKPOINTS
         resumed_from = 0
         if resume:  # _claim_out_dir made sure that there is a checkpoint
-            resumed_from = int(_checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
+            resumed_from = int(checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
             if world.is_main:
                 rewrite_log(out_dir / LOG_FILE, resumed_from)
 
