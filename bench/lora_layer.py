@@ -19,7 +19,6 @@ Writes bench/results/lora_layer.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -119,15 +118,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out-dir", default=str(harness.RESULTS_DIR))
+    p.add_argument("--out-dir", default=str(harness.RESULTS_DIR), help="where NAME.json and NAME.md go")
     args = p.parse_args(argv)
     report = {"benchmark": "lora_layer", "command": " ".join([COMMAND, *argv]), "date": harness.utc_now(),
               "machine": harness.machine_info(1), "measured": measure(args.rounds, args.warmup)}
-    text = markdown(report)
-    out = Path(args.out_dir)
-    harness.write_atomic(out / "lora_layer.json", json.dumps(report, indent=2) + "\n")
-    harness.write_atomic(out / "lora_layer.md", text)
-    print(text)
+    harness.write_report(Path(args.out_dir), "lora_layer", report, markdown(report))
     return 0
 
 

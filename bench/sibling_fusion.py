@@ -133,16 +133,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out-dir", default=str(harness.RESULTS_DIR))
+    p.add_argument("--out-dir", default=str(harness.RESULTS_DIR), help="where NAME.json and NAME.md go")
     args = p.parse_args(argv)
     report = {"benchmark": "sibling_fusion", "command": " ".join([COMMAND, *argv]), "date": harness.utc_now(),
               "machine": harness.machine_info(1), "measured": measure(args.rounds, args.warmup),
               "lora_step": lora_step_reference()}
-    text = markdown(report)
-    out = Path(args.out_dir)
-    harness.write_atomic(out / "sibling_fusion.json", json.dumps(report, indent=2) + "\n")
-    harness.write_atomic(out / "sibling_fusion.md", text)
-    print(text)
+    harness.write_report(Path(args.out_dir), "sibling_fusion", report, markdown(report))
     return 0
 
 
