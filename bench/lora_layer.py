@@ -79,16 +79,7 @@ def measure(rounds: int, warmup: int) -> dict:
 
     torch.set_num_threads(1)
     calls, checked = build_calls()
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    seconds = {name: [] for name in calls}
-    order = list(calls)
-    for round_ in range(rounds):
-        for name in (order if round_ % 2 == 0 else order[::-1]):
-            start = time.thread_time()
-            calls[name]()
-            seconds[name].append(time.thread_time() - start)
+    seconds = harness.time_cases(calls, rounds, warmup, {"thread": time.thread_time})["thread"]
     rows = {}
     for name, s in seconds.items():
         per_round = [a / b for a, b in zip(s, seconds["base"])]

@@ -71,16 +71,7 @@ def measure(rounds: int, warmup: int) -> dict:
         torch.testing.assert_close(fused[2], apart[2], rtol=1e-5, atol=1e-4)
         cases[f"{name} apart"] = lambda g=grads_b, a=a_list: products(x, g, a)
         cases[f"{name} fused"] = lambda g=grads_b, a=a_list: fused_products(x, g, a)
-    seconds = {case: [] for case in cases}
-    for call in cases.values():
-        for _ in range(warmup):
-            call()
-    order = list(cases)
-    for round_ in range(rounds):
-        for case in (order if round_ % 2 == 0 else order[::-1]):
-            start = time.thread_time()
-            cases[case]()
-            seconds[case].append(time.thread_time() - start)
+    seconds = harness.time_cases(cases, rounds, warmup, {"thread": time.thread_time})["thread"]
     rows = {case: {"min_s": min(s), "median_s": statistics.median(s)} for case, s in seconds.items()}
     layers = MODEL_CONFIG["num_hidden_layers"]
     saved = {name: (statistics.median(a - f for a, f in zip(seconds[f"{name} apart"], seconds[f"{name} fused"])))

@@ -220,14 +220,15 @@ def time_interleaved(cases: list[str], warmup: int, rounds: int, threads: int, t
             errors[case] = f"{type(exc).__name__}: {exc}"
             steps.pop(case, None)
     clock = step_clock(threads)
-    seconds: dict[str, list[float]] = {case: [] for case in steps}
     losses = {}
-    order = list(steps)
-    for round_ in range(rounds):
-        for case in (order if round_ % 2 == 0 else order[::-1]):
-            start = clock()
+
+    def stepping(case):
+        def step():
             losses[case] = steps[case]()
-            seconds[case].append(clock() - start)
+        return step
+
+    # Warmed up above, case by case, so that a case that fails is an error row.
+    seconds = harness.time_cases({case: stepping(case) for case in steps}, rounds, 0, {"step": clock})["step"]
     return {"seconds": seconds, "trainable_params": trainable_counts, "final_loss": losses, "errors": errors,
             "clock": clock.__name__, "malloc_tuned": tuned, "torch_threads": torch.get_num_threads(),
             "peftkit_version": peftkit.__version__, "peft_version": harness.package_version("peft")}

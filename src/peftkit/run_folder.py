@@ -118,7 +118,7 @@ def _per_rank_batch_aside(previous: dict, identity: dict) -> tuple[dict, dict]:
     return aside(previous), aside(identity)
 
 
-def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshardable: bool = False) -> None:
+def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> None:
     """Under the lock: decide whether this run may use ``out_dir``, then clean and stamp it.
 
     Only a folder with a checkpoint or a finished adapter holds a run. Such a folder must
@@ -133,8 +133,7 @@ def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshard
         if not run_file.is_file():
             raise RunFolderError(f"{out_dir} is not empty and holds no peftkit run; pick another --out.")
         previous = _as_written_now(_read_run_file(run_file), defaults)
-        if reshardable:
-            previous, identity = _per_rank_batch_aside(previous, identity)
+        previous, identity = _per_rank_batch_aside(previous, identity)
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise RunFolderError(f"{out_dir} holds a different run (it differs in {changed}); pick another --out.")
@@ -154,13 +153,13 @@ def _settle(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshard
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
-def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool, reshardable: bool = False) -> IO[str]:
+def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool) -> IO[str]:
     """Take ``out_dir`` for this run and return the open lock file: the folder stays locked
     until it is closed (or the process ends). Refused with ``RunFolderError``: a path that is
     not a folder, a folder that cannot be written, a non-empty folder that is not a peftkit
-    run's, a folder another run is using, and what ``_settle`` refuses. ``reshardable`` (an
-    FSDP2 run): a run.json with the same ``global_batch_size`` is this run whatever each rank's
-    batch size was (it resumes on another rank count)."""
+    run's, a folder another run is using, and what ``_settle`` refuses. An identity with a
+    ``global_batch_size`` (an FSDP2 run) is the run of a run.json with the same one whatever
+    each rank's batch size was: it resumes on another rank count."""
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise RunFolderError(f"--out {out_dir} is a file, not a folder; pick a folder (it is created if missing).")
@@ -173,7 +172,7 @@ def claim_out_dir(out_dir: Path, identity: dict, defaults: dict, resume: bool, r
         raise RunFolderError(f"cannot use {out_dir} as --out: {e.strerror or e}; pick a folder you can "
                              "write to.") from e
     try:
-        _settle(out_dir, identity, defaults, resume, reshardable)
+        _settle(out_dir, identity, defaults, resume)
     except OSError as e:
         lock.close()
         raise RunFolderError(f"cannot prepare {out_dir} for the run: {e}; pick another --out.") from e

@@ -20,7 +20,7 @@ from . import adapter_files, distributed, packing
 from .model import PeftModel
 from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
 from .train import LORA_PLUS_RATIO, MAX_GRAD_NORM, evaluate, train
-from .train_checkpoints import CHECKPOINT_PREFIX, checkpoint_paths
+from .train_checkpoints import newest_step
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
 from .nf4 import SCHEMES as QUANTIZE_SCHEMES
 from .chat import TRAIN_ON
@@ -259,7 +259,7 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
                                  "examples": [e.input_ids for e in train_set.examples[:64]],
                                  "counts": [len(train_set), len(eval_set)]})
     # Rank 0 claims the folder; the others start once it is claimed and cleaned.
-    claim = claim_out_dir(out_dir, identity, defaults, resume, reshardable=options.fsdp) if world.is_main else None
+    claim = claim_out_dir(out_dir, identity, defaults, resume) if world.is_main else None
     distributed.barrier(world)
     with contextlib.closing(claim) if claim is not None else contextlib.nullcontext():
         if not options.fsdp:
@@ -291,7 +291,7 @@ def _run(loaded, data_path, config: PeftConfig, out_dir: Path, options: RunOptio
         checkpoints = out_dir / CHECKPOINTS
         resumed_from = 0
         if resume:  # _claim_out_dir made sure that there is a checkpoint
-            resumed_from = int(checkpoint_paths(checkpoints)[-1].name[len(CHECKPOINT_PREFIX):])
+            resumed_from = newest_step(checkpoints)
             if world.is_main:
                 rewrite_log(out_dir / LOG_FILE, resumed_from)
 

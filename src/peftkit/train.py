@@ -20,7 +20,7 @@ from .data import EpochBatches
 from .distributed import SINGLE, World
 from .model import PeftModel
 from .precision import Precision
-from .train_checkpoints import checkpoint_paths, restore_checkpoint, save_checkpoint, trainable_parameters
+from .train_checkpoints import checkpoint_paths, newest_step, restore_checkpoint, save_checkpoint, trainable_parameters
 from .validate import flag, number, positive_int
 
 def default_learning_rate(config: PeftConfig, model: torch.nn.Module | None = None) -> float:
@@ -341,9 +341,7 @@ def train(model: torch.nn.Module, batches: Sequence[dict] | EpochBatches, *, ste
             raise ValueError("train(fsdp=True) builds its optimizer after sharding, so it cannot take param_groups "
                              "(they hold the parameters before); pass lr or none.")
         if preflight is not None:  # on rank 0's whole model, with the optimizer to be
-            first_step = 0
-            if resume and checkpoints is not None and checkpoint_paths(checkpoints):
-                first_step = int(torch.load(checkpoint_paths(checkpoints)[-1] / "state.pt", weights_only=True)["step"])
+            first_step = newest_step(checkpoints) if resume else 0
             first = _micro_batch(batches, first_step * grad_accum)
             provisional = torch.optim.AdamW(parameter_groups(), weight_decay=weight_decay)
             precision = Precision.of(model)

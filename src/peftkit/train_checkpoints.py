@@ -47,6 +47,13 @@ def checkpoint_paths(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def newest_step(directory: Path | None) -> int:
+    """The step of the newest complete checkpoint in ``directory`` (0: none, or no directory):
+    where a resumed run starts. A checkpoint folder is named by its step."""
+    found = checkpoint_paths(directory) if directory is not None else []
+    return int(found[-1].name[len(CHECKPOINT_PREFIX):]) if found else 0
+
+
 SHARDED = "sharded"  # a checkpoint's folder of torch.distributed.checkpoint files (--fsdp)
 
 
