@@ -43,12 +43,18 @@ def logits(model, batch: dict) -> torch.Tensor:
 
 
 def check_file_round_trips(pm, fresh, batch: dict, folder) -> None:
-    """Saved and reloaded in peftkit: bit-equal logits; in Hugging Face PEFT: equal to 1e-5."""
+    """Saved and reloaded in peftkit: bit-equal logits. In Hugging Face PEFT: the same function,
+    judged against the float64 logits of the same base and adapter: PEFT's float32 logits are as
+    close to them as peftkit's (both round differently in float32: peftkit folds s B A into the
+    weight of each product, PEFT adds it after), and a misread tensor would be far off."""
     expected = logits(pm, batch)
     pm.save(folder)
     torch.testing.assert_close(logits(peftkit.load(fresh(), folder), batch), expected, rtol=0, atol=0)
-    hf = peft.PeftModel.from_pretrained(fresh(), folder).eval()
-    torch.testing.assert_close(logits(hf, batch), expected, rtol=1e-5, atol=1e-5)
+    hf = logits(peft.PeftModel.from_pretrained(fresh(), folder).eval(), batch)
+    exact = logits(peftkit.load(fresh().double(), folder), batch)
+    ours, theirs = ((t.double() - exact).abs().max().item() for t in (expected, hf))
+    assert ours <= 1e-4 * exact.abs().max().item(), ours
+    assert theirs <= 2 * ours + 1e-5, (theirs, ours)
 
 
 # -- MiniLM: a transformers folder, sentiment classification ----------------------------
