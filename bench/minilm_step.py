@@ -51,8 +51,12 @@ from bench.quality.cases import MAX_LENGTH, PEFT_COUNTERPART
 
 MODULE = "bench.minilm_step"
 LORA_CASES = ["peft-qv", "peftkit-qv", "peft-all-linear", "peftkit-all-linear"]
-CASES = LORA_CASES + ["full"]
-CASE_GROUPS = {"lora": LORA_CASES, "all": CASES}
+# peftkit all-linear with its folded float32 products switched off (bench.lora_step.cases.unfolded):
+# peftkit before that lever, in the same rounds.
+UNFOLDED_CASES = ["peftkit-all-linear-unfolded"]
+CASES = LORA_CASES + UNFOLDED_CASES + ["full"]
+CASE_GROUPS = {"lora": LORA_CASES + UNFOLDED_CASES, "all": CASES}
+COUNTERPART = {**PEFT_COUNTERPART, "peftkit-all-linear-unfolded": "peft-all-linear"}
 SEED = 42  # the quality bench's first seed: batch order, head init, dropout
 BATCH_SIZE = 32
 # (case, reference, metric, max ratio); None: reported without a target.
@@ -97,7 +101,7 @@ def build_case(case: str, batch: dict):
     harness.import_peftkit()
     torch.manual_seed(SEED)  # the fresh head's init, as the quality bench draws it
     model = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2, local_files_only=True)
-    wrapped, groups, setup = prepare_classification(case, model)
+    wrapped, groups, setup = prepare_classification(case.removesuffix("-unfolded"), model)
     wrapped.train()
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)  # train()'s default decay
     # Which LoRA A values the case starts from: equal sums mean both libraries drew the same A.
@@ -123,6 +127,9 @@ def build_case(case: str, batch: dict):
         "lora_a_sum": float(sum(p.detach().double().sum() for p in lora_a)) if lora_a else None,
         "library_version": harness.library_version(case),
     }
+    if case.endswith("-unfolded"):
+        from bench.lora_step.cases import unfolded
+        step = unfolded(step)
     return step, record
 
 
@@ -202,7 +209,7 @@ def summarize(timing: dict, memory: dict[str, dict]) -> dict[str, dict]:
             rows[case] = {"case": case, "error": timing["errors"][case]}
             continue
         steps, losses = seconds[case], timing["losses"][case]
-        reference = PEFT_COUNTERPART.get(case)
+        reference = COUNTERPART.get(case)
         mem = memory.get(case, {})
         theirs = memory.get(reference, {}).get("peak_rss_mb") if reference else None
         rows[case] = {
@@ -235,7 +242,7 @@ def loss_agreement(rows: dict[str, dict]) -> list[dict]:
     """Per LoRA method both libraries ran: first and final loss of each, whether they agree,
     and whether they started from the same LoRA A draws."""
     out = []
-    for case, reference in PEFT_COUNTERPART.items():
+    for case, reference in COUNTERPART.items():
         ours, theirs = rows.get(case, {}), rows.get(reference, {})
         if "final_loss" not in ours or "final_loss" not in theirs or ours["final_loss"] is None:
             continue
@@ -254,7 +261,7 @@ def loss_agreement(rows: dict[str, dict]) -> list[dict]:
 def _ratio_cell(case: str, found: dict | None) -> str:
     """n/a: no PEFT counterpart; –: its counterpart is not in this run."""
     if found is None:
-        return "–" if case in PEFT_COUNTERPART else "n/a"
+        return "–" if case in COUNTERPART else "n/a"
     return f"{found['median_of_rounds']:.3f} ({found['of_min']:.3f})"
 
 
@@ -338,7 +345,7 @@ def markdown_report(report: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", type=lambda text: harness.expand_cases(text, CASES, CASE_GROUPS), default=LORA_CASES,
+    p.add_argument("--cases", type=lambda text: harness.expand_cases(text, CASES, CASE_GROUPS), default=CASE_GROUPS["lora"],
                    help=f"comma-separated cases ({','.join(CASES)}) and/or groups: lora (the default), all")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds of one step per case (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per case (default 2)")
