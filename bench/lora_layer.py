@@ -1,12 +1,10 @@
-"""One LoRA projection's forward and backward, five ways: what ``LoraFunction`` costs over the
+"""One LoRA projection's forward and backward, four ways: what ``LoraFunction`` costs over the
 frozen layer, and whether ``torch.compile`` of the LoRA path wins on the CPU.
 
 For the bench model's shapes (x: 4 x 256 tokens of 512, W: 512 x 512 frozen, r 8, s 2):
 
     base       y = x Wᵀ, backward to x only (what the floor does at this layer)
     peftkit    y = x Wᵀ + s (x Aᵀ) Bᵀ through ``peftkit.LoraFunction`` (grad x, A, B; never W's)
-    folded     the same through ``FoldedLoraFunction`` (what a float32 step takes: W + s B A
-               folded into one product, see ``peftkit.methods.lora_folded``)
     autograd   the same formula in plain torch ops, autograd's own backward
     compiled   that formula through ``torch.compile`` (inductor, forward and backward)
 
@@ -33,12 +31,11 @@ COMMAND = "python -m bench.lora_layer"
 
 
 def build_calls() -> tuple[dict, dict]:
-    """The five calls, each a forward and backward of one projection, and their gradients
+    """The four calls, each a forward and backward of one projection, and their gradients
     checked against each other (so every way computes the same thing)."""
     import torch
 
     peftkit = harness.import_peftkit()
-    from peftkit.methods.lora_folded import FoldedLoraFunction
     gen = torch.Generator().manual_seed(0)
     hidden, r = MODEL_CONFIG["hidden_size"], LORA["r"]
     scaling = LORA["alpha"] / r
@@ -55,7 +52,6 @@ def build_calls() -> tuple[dict, dict]:
     forwards = {
         "base": lambda: x @ weight.t(),
         "peftkit": lambda: peftkit.LoraFunction.apply(x, weight.t(), None, lora_a, lora_b, scaling, None, 1.0),
-        "folded": lambda: FoldedLoraFunction.apply(x, weight.t(), None, lora_a, lora_b, scaling),
         "autograd": lambda: formula(x, lora_a, lora_b),
         "compiled": lambda: compiled(x, lora_a, lora_b),
     }
@@ -70,7 +66,7 @@ def build_calls() -> tuple[dict, dict]:
     for name, forward in forwards.items():
         call(forward)()
         grads[name] = [t.grad.clone() if t.grad is not None else None for t in (x, lora_a, lora_b)]
-    for name in ("folded", "autograd", "compiled"):
+    for name in ("autograd", "compiled"):
         for mine, theirs in zip(grads["peftkit"], grads[name]):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     checked = {"max_grad_difference_vs_autograd": max(float((a - b).abs().max())
@@ -95,11 +91,11 @@ def measure(rounds: int, warmup: int) -> dict:
 
 def markdown(report: dict) -> str:
     m, res = report["machine"], report["measured"]
-    lines = ["# One LoRA projection: peftkit's LoraFunction and FoldedLoraFunction, plain autograd, torch.compile", "",
+    lines = ["# One LoRA projection: peftkit's LoraFunction, plain autograd, torch.compile", "",
              f"`{report['command']}` · {report['date']} · {m['cpu_model']} · torch {m['torch']} · 1 thread", "",
              f"x {BATCH} x {SEQ_LEN} x {MODEL_CONFIG['hidden_size']}, W {MODEL_CONFIG['hidden_size']} x "
              f"{MODEL_CONFIG['hidden_size']} frozen, r {LORA['r']}; forward + backward, {res['warmup']} warm-up "
-             f"calls each, {res['rounds']} interleaved rounds, CPU time of the thread. The four LoRA ways give the "
+             f"calls each, {res['rounds']} interleaved rounds, CPU time of the thread. The three LoRA ways give the "
              f"same gradients (peftkit vs autograd: max |difference| {res['checked']['max_grad_difference_vs_autograd']:.1e}).",
              "", *harness.table_head(["way", "min (ms)", "median (ms)", "x base (median of rounds)", "x base (minima)"])]
     for name, row in res["rows"].items():

@@ -10,18 +10,15 @@ from bench import harness
 
 REFERENCE_CASES = ["full", "floor"]
 LORA_CASES = ["peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
-# peftkit's LoRA before the folded products (peftkit.methods.lora_folded): the same model and
-# step with FoldedLoraFunction switched off, so the table shows what that lever is worth.
-UNFOLDED_CASES = ["peftkit-qv-unfolded", "peftkit-all-linear-unfolded"]
 METHOD_CASES = [
     "peft-prefix", "peft-prompt",
     "peftkit-adapter-pfeiffer", "peftkit-adapter-houlsby", "peftkit-prefix", "peftkit-prompt",
 ]
-CASES = REFERENCE_CASES + LORA_CASES + UNFOLDED_CASES + METHOD_CASES
+CASES = REFERENCE_CASES + LORA_CASES + METHOD_CASES
 # Names accepted by --cases besides the case names; each includes full and floor.
 CASE_GROUPS = {
     "all": CASES,
-    "lora": REFERENCE_CASES + LORA_CASES + UNFOLDED_CASES,
+    "lora": REFERENCE_CASES + LORA_CASES,
     "methods": REFERENCE_CASES + METHOD_CASES,
 }
 QV_TARGETS = ["q_proj", "v_proj"]
@@ -31,8 +28,6 @@ QV_TARGETS = ["q_proj", "v_proj"]
 PEFT_COUNTERPART = {
     "peftkit-qv": "peft-qv",
     "peftkit-all-linear": "peft-all-linear",
-    "peftkit-qv-unfolded": "peft-qv",
-    "peftkit-all-linear-unfolded": "peft-all-linear",
     "peftkit-prefix": "peft-prefix",
     "peftkit-prompt": "peft-prompt",
 }
@@ -69,7 +64,7 @@ TARGETS = [
     ("peftkit-prompt", "peft-prompt", "peak_rss_mb", 1.00),
 ]
 # Cases that do all of the floor's work and more: a ratio below 1.0 to it is a measurement error.
-ABOVE_FLOOR = ["full", "peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear", *UNFOLDED_CASES]
+ABOVE_FLOOR = ["full", "peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
 
 
 def build_model():
@@ -189,27 +184,10 @@ def setup_case(case: str, ids):
     if case == "full":
         wrapped = model
     else:
-        library, _, method = case.removesuffix("-unfolded").partition("-")
+        library, _, method = case.partition("-")
         wrapped = peft_model(model, method) if library == "peft" else peftkit_model(model, method)
     params = trainable(wrapped.parameters())
-    step = lm_step_fn(wrapped, params, ids)
-    return (unfolded(step) if case.endswith("-unfolded") else step), sum(p.numel() for p in params)
-
-
-def unfolded(step):
-    """``step`` with peftkit's folded LoRA products switched off for its length (every LoRA
-    layer then takes ``LoraFunction``), the other cases untouched."""
-    from peftkit.methods import lora
-
-    def step_unfolded() -> float:
-        folds = lora.folds
-        lora.folds = lambda *args: False
-        try:
-            return step()
-        finally:
-            lora.folds = folds
-
-    return step_unfolded
+    return lm_step_fn(wrapped, params, ids), sum(p.numel() for p in params)
 
 
 def step_clock(threads: int):

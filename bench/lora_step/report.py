@@ -35,6 +35,9 @@ def summarize(timing: dict, memory: dict[str, dict]) -> dict[str, dict]:
                "median_s": statistics.median(steps), "step_s": steps, "final_loss": timing["final_loss"][case]}
         for name, reference_of in REFERENCES.items():
             row[f"to_{name}"] = step_ratio(seconds, case, reference_of(case))
+        # The floor over this case, round by round: the lowest ratio to this case that any
+        # LoRA (which does the floor's work and more) could reach.
+        row["floor_to_case"] = step_ratio(seconds, "floor", case) if case != "floor" else None
         to_floor = row["to_floor"]
         # A case that does the floor's work and more cannot be faster than it.
         row["below_floor"] = bool(case in ABOVE_FLOOR and to_floor is not None
@@ -49,8 +52,21 @@ def summarize(timing: dict, memory: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
+def floor_bound(rows: dict[str, dict], reference: str, metric: str) -> float | None:
+    """The floor over ``reference`` (its step, median of the per-round ratios, or its peak
+    RSS): no LoRA can do better than the floor, so no ratio to ``reference`` below this
+    is within reach on this machine. None without a floor row or a measurement."""
+    floor, theirs = rows.get("floor", {}), rows.get(reference, {})
+    if metric == "step":
+        found = theirs.get("floor_to_case")
+        return found["median_of_rounds"] if found else None
+    mine, other = floor.get("peak_rss_mb"), theirs.get("peak_rss_mb")
+    return mine / other if mine and other else None
+
+
 def check_targets(rows: dict[str, dict]) -> list[dict]:
-    """Each design target that these rows have both sides of."""
+    """Each design target that these rows have both sides of, with the floor's own ratio to
+    the reference where the reference is not the floor (the best any LoRA could reach)."""
     checks = []
     for case, reference, metric, limit in TARGETS:
         row = rows.get(case, {})
@@ -60,10 +76,25 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
             value = found["median_of_rounds"] if found else None
         else:
             value = row.get("rss_to_peft")
+        bound = floor_bound(rows, reference, metric) if reference != "floor" and case in ABOVE_FLOOR else None
         checks.append({"case": case, "reference": reference, "metric": metric, "max_ratio": limit, "ratio": value,
-                       "met": None if value is None else value <= limit,
+                       "met": None if value is None else value <= limit, "floor_bound": bound,
                        "measurement_error": bool(row.get("below_floor")) and reference == "floor"})
     return checks
+
+
+def target_verdict(check: dict) -> str:
+    """met / missed / not measured, and for a missed target whose limit lies below the
+    floor's own ratio, that no LoRA could have met it here."""
+    verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
+    if check.get("measurement_error"):
+        return "**not read: below the floor, a measurement error**"
+    bound = check.get("floor_bound")
+    if bound is not None:
+        verdict += f"; the floor is {bound:.3f} x {check['reference']}"
+        if check["met"] is False and check["max_ratio"] < bound:
+            verdict += ", so the limit is below the floor here: out of reach for any LoRA"
+    return verdict
 
 
 def _ratio_cell(found: dict | None) -> str:
@@ -93,12 +124,9 @@ def setting_lines(name: str, setting: dict) -> list[str]:
     for t in setting["targets"]:
         if t["case"] not in rows or t["reference"] not in rows:
             continue
-        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        if t["measurement_error"]:
-            verdict = "**not read: below the floor, a measurement error**"
         what = "step" if t["metric"] == "step" else "peak RSS"
         lines.append(f"- {t['case']} {what} <= {t['max_ratio']:.2f} x {t['reference']}: "
-                     f"{fmt(t['ratio'], '.3f')} ({verdict})")
+                     f"{fmt(t['ratio'], '.3f')} ({target_verdict(t)})")
     return lines + [""]
 
 

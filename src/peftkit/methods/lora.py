@@ -6,8 +6,7 @@ keeps the original module inside as ``base_layer`` so that ``unwrap()`` gives it
 
 Training goes through ``LoraFunction``, a hand-written autograd function: the base weight
 is frozen, so its gradient (an (out, in) matrix per layer, as large as the weight) is
-never formed, and the backward keeps only what it needs. A float32 step with enough tokens
-goes through ``lora_folded.FoldedLoraFunction`` instead, the same math in fewer products.
+never formed, and the backward keeps only what it needs.
 
 A mixed batch (``row_adapters`` set, inference only) computes the base output of the whole
 batch once and adds each adapter's s · B A x to its own rows only.
@@ -24,7 +23,6 @@ from torch.autograd.function import once_differentiable
 
 from ..config import lora_scaling
 from .base import AdapterModule, RowAdapters, add_to_rows, take_rows
-from .lora_folded import FoldedLoraFunction, folds
 
 
 class LoraFunction(torch.autograd.Function):
@@ -106,10 +104,8 @@ def lora_linear(x, weight_io, bias, lora_a, lora_b, scaling: float, keep_mask, k
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    if not autocast and lora_a.dtype == dtype and (weight_io is None or weight_io.dtype == dtype):  # one dtype
-        if folds(x, weight_io, lora_a, keep_mask):  # a float32 step with enough tokens: see lora_folded
-            return FoldedLoraFunction.apply(x, weight_io, bias, lora_a, lora_b, scaling)
-        return LoraFunction.apply(x, weight_io, bias, lora_a, lora_b, scaling, keep_mask, keep_prob)
+    if not autocast and lora_a.dtype == dtype and (weight_io is None or weight_io.dtype == dtype):
+        return LoraFunction.apply(x, weight_io, bias, lora_a, lora_b, scaling, keep_mask, keep_prob)  # one dtype
     cast = [None if t is None else t.to(dtype) for t in (x, weight_io, bias, lora_a, lora_b)]
     with torch.autocast(device, enabled=False):
         return LoraFunction.apply(cast[0], cast[1], cast[2], cast[3], cast[4], scaling, keep_mask, keep_prob)
