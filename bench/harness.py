@@ -187,24 +187,34 @@ WALL_CLOCK = {"wall": time.perf_counter}
 
 
 def time_cases(calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int,
-               clocks: Mapping[str, Callable[[], float]] = WALL_CLOCK) -> dict[str, dict[str, list[float]]]:
+               clocks: Mapping[str, Callable[[], float]] = WALL_CLOCK,
+               prepare: Mapping[str, Callable[[], object]] | None = None) -> dict[str, dict[str, list[float]]]:
     """Seconds of each call by each clock, round by round, ``{clock: {case: [s, ...]}}``: every
     case warmed up (``warmup`` untimed calls each), then ``rounds`` rounds of one call per case,
     the order reversed every round, so slow drift in machine load touches every case alike. The
-    caller sets the context (``torch.no_grad``, ``torch.inference_mode``) around it."""
+    caller sets the context (``torch.no_grad``, ``torch.inference_mode``) around it.
+    ``prepare[case]``, where given, runs untimed before each of that case's calls (cases that
+    share one model and differ in the weights loaded into it)."""
     seconds: dict[str, dict[str, list[float]]] = {clock: {case: [] for case in calls} for clock in clocks}
-    for call in calls.values():
+    prepare = prepare or {}
+    for case, call in calls.items():
         for _ in range(warmup):
+            prepare.get(case, _nothing)()
             call()
     order, read = list(calls), list(clocks.items())
     for round_ in range(rounds):
         for case in (order if round_ % 2 == 0 else order[::-1]):
+            prepare.get(case, _nothing)()
             starts = [now() for _, now in read]
             calls[case]()
             ends = [now() for _, now in read]
             for (clock, _), start, end in zip(read, starts, ends):
                 seconds[clock][case].append(end - start)
     return seconds
+
+
+def _nothing() -> None:
+    pass
 
 
 def round_summary(seconds: dict[str, list[float]], ratios: Sequence[tuple[str, str, float | None]]) -> dict:

@@ -2,14 +2,18 @@
 
 The seeded random Llama of ``lora_step`` (hidden 512, 8 layers, float32, ``bench.lora_step.cases.
 build_model``), in eval mode under ``torch.inference_mode``, one forward of its 4 x 256 batch
-(``make_batch``) per call, on the CPU. Cases, each on its own copy of the model built from the
-same seed:
+(``make_batch``) per call, on the CPU. Cases, every model built from the same seed:
 
 - ``base``: the plain model, no adapter (the floor);
 - ``qv-unmerged`` / ``all-linear-unmerged``: ``peftkit.attach`` with LoRA r=8, alpha=16 on
   q_proj,v_proj / on every linear layer but ``lm_head``, called as ``pm(input_ids=ids)``;
 - ``qv-merged`` / ``all-linear-merged``: the same adapter folded in by ``merge_and_unload()``,
   which gives back the plain model with W + s·B A in place of W: the base's computation exactly.
+
+The base and the merged cases are one model (``SharedModel``): before each of their calls the
+weights of that case are copied into it, untimed, so they run on the same modules in the same
+memory and only the numbers differ. Separate copies of the model, as before, ran up to 4% apart
+either way, from where their weights happened to lie. Each unmerged case has its own model.
 
 Every B is drawn from N(0, 0.02²) (seeded; the A are peftkit's init), so that the merged
 weights differ from the base's and the unmerged path adds real work. Before timing, each merged
@@ -71,22 +75,65 @@ def lora_model(method: str):
     return pm.eval()
 
 
-def build_models() -> dict:
-    """Each case's model, every one built anew from the same seed."""
-    models = {"base": setup.build_model().eval()}
-    for method in METHODS:
-        models[f"{method}-unmerged"] = lora_model(method)
-        models[f"{method}-merged"] = lora_model(method).merge_and_unload().eval()
-    return models
+class SharedModel:
+    """The base model, whose weights are swapped for a merged model's before its calls: the
+    base and the merged cases run on the same module objects and the same memory, so the
+    numbers are all that differ between them (copies of a model in other memory ran up to 4%
+    apart, either way, from where their weights happened to lie)."""
+
+    def __init__(self):
+        import torch
+
+        self.model = setup.build_model().eval()
+        self.params = dict(self.model.named_parameters())
+        self.weights = {"base": {}}
+        for method in METHODS:
+            merged = lora_model(method).merge_and_unload()
+            changed = {name: p.detach().clone() for name, p in merged.named_parameters()
+                       if not torch.equal(p, self.params[name])}
+            if not changed:
+                raise RuntimeError(f"merging {method!r} changed no weight")
+            self.weights[f"{method}-merged"] = changed
+            for name in changed:
+                self.weights["base"].setdefault(name, self.params[name].detach().clone())
+
+    def loader(self, case: str):
+        """A function that puts ``case``'s weights into the model (the base's where it has none)."""
+        import torch
+
+        def load() -> None:
+            with torch.no_grad():
+                for name, base in self.weights["base"].items():
+                    self.params[name].copy_(self.weights[case].get(name, base))
+
+        return load
 
 
-def check_outputs(models: dict, ids) -> dict:
+def build_models() -> tuple[dict, dict]:
+    """(each case's model, the untimed function that loads a case's weights first): the
+    unmerged cases each on a model built anew from the same seed, the base and merged cases
+    on one ``SharedModel``."""
+    shared = SharedModel()
+    models, prepare = {}, {}
+    for case in CASES:
+        if case.endswith("-unmerged"):
+            models[case] = lora_model(case.removesuffix("-unmerged"))
+        else:
+            models[case], prepare[case] = shared.model, shared.loader(case)
+    return models, prepare
+
+
+def check_outputs(models: dict, prepare: dict, ids) -> dict:
     """Largest |difference| of the logits, merged against unmerged (must be within CHECK_ATOL)
     and merged against the base (must be far from it), per method; raises if either fails."""
     import torch
 
+    logits = {}
     with torch.inference_mode():
-        logits = {case: model(input_ids=ids).logits for case, model in models.items()}
+        for case, model in models.items():
+            if case in prepare:
+                prepare[case]()
+            logits[case] = model(input_ids=ids).logits
     out = {}
     for method in METHODS:
         merged, unmerged = logits[f"{method}-merged"], logits[f"{method}-unmerged"]
@@ -120,12 +167,12 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), harness.load_average()
-    models = build_models()
+    models, prepare = build_models()
     ids = setup.make_batch()
-    checks = check_outputs(models, ids)
+    checks = check_outputs(models, prepare, ids)
     calls = {case: (lambda m=model: m(input_ids=ids)) for case, model in models.items()}
     with torch.inference_mode():
-        seconds = harness.time_cases(calls, args.rounds, args.warmup, CLOCKS)
+        seconds = harness.time_cases(calls, args.rounds, args.warmup, CLOCKS, prepare)
     clock = "thread" if args.threads == 1 else "wall"
     timing = {name: harness.round_summary(s, RATIOS) for name, s in seconds.items()}
     for section in timing.values():
@@ -160,7 +207,9 @@ def markdown(report: dict) -> str:
         f"{report['wall_s']:.0f} s in all", "",
         f"Model: {s['model']}. One forward of {s['batch']} x {s['tokens']} tokens per call. LoRA r={s['lora']['r']} "
         f"alpha={s['lora']['alpha']} on q_proj,v_proj (qv) or every linear layer but lm_head (all-linear), B drawn "
-        f"from {s['lora_B_init']}; merged = `{s['merge']}`. Every case on its own copy of the model. "
+        f"from {s['lora_B_init']}; merged = `{s['merge']}`. The base and the merged cases are one model whose weights "
+        "are copied in, untimed, before each of their calls (the same modules and memory: only the numbers differ); "
+        "each unmerged case has a model of its own. "
         f"{s['warmup']} warm-up calls per case, then {s['rounds']} rounds of one call per case in one process, order "
         f"reversed every round. Times by {clock_name}; the wall median beside them.", "",
         *harness.table_head(["case", "min (ms)", "median (ms)", "wall median (ms)"]),
