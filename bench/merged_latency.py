@@ -12,8 +12,9 @@ build_model``), in eval mode under ``torch.inference_mode``, one forward of its 
 
 The base and the merged cases are one model (``SharedModel``): before each of their calls the
 weights of that case are copied into it, untimed, so they run on the same modules in the same
-memory and only the numbers differ. Separate copies of the model, as before, ran up to 4% apart
-either way, from where their weights happened to lie. Each unmerged case has its own model.
+memory and only the numbers differ. Separate copies of the model, as before, ran more than 2%
+apart either way in two reruns, from where their weights happened to lie. Each unmerged case has
+its own model.
 
 Every B is drawn from N(0, 0.02²) (seeded; the A are peftkit's init), so that the merged
 weights differ from the base's and the unmerged path adds real work. Before timing, each merged
@@ -78,8 +79,8 @@ def lora_model(method: str):
 class SharedModel:
     """The base model, whose weights are swapped for a merged model's before its calls: the
     base and the merged cases run on the same module objects and the same memory, so the
-    numbers are all that differ between them (copies of a model in other memory ran up to 4%
-    apart, either way, from where their weights happened to lie)."""
+    numbers are all that differ between them (copies of a model in other memory ran more than
+    2% apart, either way, from where their weights happened to lie)."""
 
     def __init__(self):
         import torch
