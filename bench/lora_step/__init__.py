@@ -4,21 +4,27 @@ What is measured
 ----------------
 One optimiser step on a small random-weight Llama (8 layers, hidden 512, fp32, CPU):
 
-    optimizer.zero_grad(set_to_none=True); loss = model(...).loss; loss.backward(); optimizer.step()
+    optimizer.zero_grad(set_to_none=True); loss = <loss>; loss.backward(); optimizer.step()
 
-for up to twelve cases. The LoRA group (``--cases lora``, the default):
+for up to fourteen cases, the loss being the model's own (``model(...).loss``) for PEFT and
+full fine-tuning, and what ``peftkit train`` trains on for peftkit (``lm_loss.training_loss``:
+fused, the logits never whole). The LoRA group (``--cases lora``, the default):
 
     full                 every parameter trainable (what LoRA is meant to avoid)
     floor                forward + backward with no parameter trainable; the outputs of
                          layer 0's q_proj and v_proj are made leaves that require grad,
                          so the backward computes every activation gradient above them
-                         and none below: exactly as far down as LoRA on q, v needs. No
-                         optimiser step (nothing to update). LoRA on q, v does all of
-                         this plus its own matmuls and weight gradients.
+                         and none below: exactly as far down as LoRA on q, v needs, with
+                         the fused loss (``lm_loss.backbone_loss``), the cheapest there
+                         is. No optimiser step (nothing to update). LoRA on q, v does all
+                         of this plus its own matmuls and weight gradients.
     peft-qv              HF PEFT LoRA r=8 on q_proj, v_proj
     peft-all-linear      HF PEFT LoRA r=8 on every linear layer but lm_head
     peftkit-qv           peftkit LoRA r=8 on q_proj, v_proj
     peftkit-all-linear   peftkit LoRA r=8 on "all-linear"
+    peftkit-qv-own-loss, peftkit-all-linear-own-loss
+                         the same on the model's own loss, as a transformers Trainer
+                         computes it: peftkit's LoRA layers against PEFT's, loss alike
 
 and the other methods (``--cases methods``: these, plus full and floor):
 

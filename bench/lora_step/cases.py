@@ -9,7 +9,11 @@ import time
 from bench import harness
 
 REFERENCE_CASES = ["full", "floor"]
-LORA_CASES = ["peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
+LORA_CASES = ["peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear",
+              "peftkit-qv-own-loss", "peftkit-all-linear-own-loss"]
+# A peftkit case ending in this trains on the model's own loss (``pm(**batch).loss``, as a
+# transformers Trainer computes it) instead of peftkit's fused one: the LoRA layers alone.
+OWN_LOSS = "-own-loss"
 METHOD_CASES = [
     "peft-prefix", "peft-prompt",
     "peftkit-adapter-pfeiffer", "peftkit-adapter-houlsby", "peftkit-prefix", "peftkit-prompt",
@@ -30,6 +34,8 @@ PEFT_COUNTERPART = {
     "peftkit-all-linear": "peft-all-linear",
     "peftkit-prefix": "peft-prefix",
     "peftkit-prompt": "peft-prompt",
+    "peftkit-qv-own-loss": "peft-qv",
+    "peftkit-all-linear-own-loss": "peft-all-linear",
 }
 
 MODEL_CONFIG = dict(
@@ -64,7 +70,8 @@ TARGETS = [
     ("peftkit-prompt", "peft-prompt", "peak_rss_mb", 1.00),
 ]
 # Cases that do all of the floor's work and more: a ratio below 1.0 to it is a measurement error.
-ABOVE_FLOOR = ["full", "peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear"]
+ABOVE_FLOOR = ["full", "peft-qv", "peft-all-linear", "peftkit-qv", "peftkit-all-linear",
+               "peftkit-qv-own-loss", "peftkit-all-linear-own-loss"]
 
 
 def build_model():
@@ -90,15 +97,35 @@ def trainable(params) -> list:
     return [p for p in params if p.requires_grad]
 
 
-def lm_step_fn(model, params, ids):
-    """The standard training step: zero_grad + forward + backward + AdamW step."""
+def own_loss(model, batch):
+    """The model's own loss (``model(**batch).loss``): what a PEFT model trains on."""
+    return model(**batch).loss
+
+
+def peftkit_loss(model, batch):
+    """The loss ``peftkit train`` trains on: fused, without the whole logits, where it can
+    (``peftkit.lm_loss.training_loss``)."""
+    return _lm_loss().training_loss(model, batch)
+
+
+def _lm_loss():
+    harness.import_peftkit()
+    from peftkit import lm_loss
+
+    return lm_loss
+
+
+def lm_step_fn(model, params, ids, loss_of=own_loss):
+    """The standard training step: zero_grad + forward + backward + AdamW step, the loss
+    taken by ``loss_of(model, batch)``."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=LR)
+    batch = {"input_ids": ids, "labels": ids}
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_of(model, batch)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -112,7 +139,10 @@ def floor_step_fn(model, ids):
     grad, so the backward computes every activation gradient above them and nothing below
     (LoRA never needs the gradient of the first layer's input, nor of the embeddings). Any
     LoRA on q, v (or more) does all of this plus its own work, so a ratio below 1.0 to it is
-    a measurement error. No optimiser step (nothing to update)."""
+    a measurement error. The loss is peftkit's fused one (``lm_loss.backbone_loss``, the
+    logits never whole): the cheapest loss any LoRA can train on. No optimiser step (nothing
+    to update)."""
+    lm_loss = _lm_loss()
     for p in model.parameters():
         p.requires_grad_(False)
     attention = model.model.layers[0].self_attn
@@ -123,8 +153,10 @@ def floor_step_fn(model, ids):
     for projection in (attention.q_proj, attention.v_proj):
         projection.register_forward_hook(leaf)
 
+    batch = {"input_ids": ids, "labels": ids}
+
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = lm_loss.backbone_loss(model.model, model.lm_head, batch)
         loss.backward()
         return loss.item()
 
@@ -184,10 +216,11 @@ def setup_case(case: str, ids):
     if case == "full":
         wrapped = model
     else:
-        library, _, method = case.partition("-")
+        library, _, method = case.removesuffix(OWN_LOSS).partition("-")
         wrapped = peft_model(model, method) if library == "peft" else peftkit_model(model, method)
     params = trainable(wrapped.parameters())
-    return lm_step_fn(wrapped, params, ids), sum(p.numel() for p in params)
+    loss_of = peftkit_loss if case.startswith("peftkit-") and not case.endswith(OWN_LOSS) else own_loss
+    return lm_step_fn(wrapped, params, ids, loss_of), sum(p.numel() for p in params)
 
 
 def step_clock(threads: int):

@@ -170,8 +170,11 @@ def markdown_report(report: dict) -> str:
         f"({s['memory_warmup']} + {s['memory_steps']} steps).",
         "",
         "The floor is the frozen model's forward and backward down to the outputs of the first layer's q and v "
-        "projections (leaves that require grad): exactly the activation gradients LoRA on q, v needs, without "
-        "LoRA's own work. A LoRA or full fine-tuning row below 1.0 x floor is marked ‡, a measurement error.",
+        "projections (leaves that require grad), with peftkit's fused loss (the logits never whole): exactly the "
+        "activation gradients LoRA on q, v needs, without LoRA's own work. A LoRA or full fine-tuning row below "
+        "1.0 x floor is marked ‡, a measurement error. PEFT and full fine-tuning train on the model's own loss "
+        "(`model(...).loss`), peftkit on the loss `peftkit train` computes (`lm_loss.training_loss`, fused), and "
+        "the `-own-loss` rows are peftkit's LoRA on the model's own loss.",
         "",
     ]
     for name, setting in report["settings"].items():

@@ -18,6 +18,7 @@ from . import distributed, registry
 from .config import PeftConfig
 from .data import EpochBatches
 from .distributed import SINGLE, World
+from .lm_loss import training_loss
 from .model import PeftModel
 from .precision import Precision
 from .train_checkpoints import checkpoint_paths, newest_step, restore_checkpoint, save_checkpoint, trainable_parameters
@@ -226,7 +227,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
                 (logits.float().sum() * 0.0).backward()
                 continue
             with precision.autocast():
-                loss = model(**precision.move(batch)).loss
+                loss = training_loss(model, precision.move(batch))  # fused where it can (lm_loss.py)
             value = loss.item()
             if not math.isfinite(value):
                 raise _NonFiniteLoss(index, value)

@@ -37,11 +37,14 @@ class LoraFunction(torch.autograd.Function):
     Saved for backward: x (the layer input, usually shared with the sibling q/k/v
     projections, so it costs nothing extra), the keep mask as booleans (1 byte per
     element instead of a 4-byte dropped copy of x, and only when dropout > 0) and
-    u = d(x) Aᵀ (N, r). u is r/in the size of x — 1.6% for r = 8, in = 512 — while
+    s·u, u = d(x) Aᵀ (N, r). u is r/in the size of x — 1.6% for r = 8, in = 512 — while
     recomputing it would cost a second (N, in) × (in, r) product in every backward, so
     keeping it is the cheaper choice. Gradients:
         grad_x = g W_ioᵀ + s · d(g B A)      grad_A = s · (g B)ᵀ d(x)
         grad_B = s · gᵀ u                    grad_b = Σ g     grad_W: never
+    Each large output (y, grad_x) starts as its rank-r term and the large product is
+    accumulated into it (``addmm_``, beta = 1), so the rank-r term costs no pass of its own
+    over the (N, out) or (N, in) result.
     """
 
     @staticmethod
@@ -50,13 +53,14 @@ class LoraFunction(torch.autograd.Function):
         x2d = x.reshape(-1, in_features)
         mask2d = None if keep_mask is None else keep_mask.reshape(-1, in_features)
         dropped = x2d if mask2d is None else x2d * mask2d / keep_prob
-        u = dropped @ lora_a.t()
-        if weight_io is None:
-            y = torch.mm(u, lora_b.t()).mul_(scaling)
-        else:
-            y = x2d @ weight_io if bias is None else torch.addmm(bias, x2d, weight_io)
-            y.addmm_(u, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x2d, weight_io, lora_a, lora_b, u, mask2d)
+        scaled_u = (dropped @ lora_a.t()).mul_(scaling)  # s·u (N, r): s applied to the small side
+        # The rank-r term first, then the large product accumulated into it (addmm_ with
+        # beta = 1, which BLAS does inside the product's own output pass): adding the rank-r
+        # term after the large product would read and write all of y once more.
+        y = torch.mm(scaled_u, lora_b.t()) if bias is None else torch.addmm(bias, scaled_u, lora_b.t())
+        if weight_io is not None:
+            y.addmm_(x2d, weight_io)
+        ctx.save_for_backward(x2d, weight_io, lora_a, lora_b, scaled_u, mask2d)
         ctx.scaling, ctx.keep_prob, ctx.x_shape = scaling, keep_prob, x.shape
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -64,8 +68,7 @@ class LoraFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward below is not itself differentiable: double backward is refused
     def backward(ctx, grad_out):
-        x2d, weight_io, lora_a, lora_b, u, mask2d = ctx.saved_tensors
-        s = ctx.scaling
+        x2d, weight_io, lora_a, lora_b, scaled_u, mask2d = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         if need_w:
@@ -73,22 +76,21 @@ class LoraFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_a = grad_bb = None
         # Products are taken in the orientation whose operands are contiguous: for tall-skinny
         # matrices (N tokens x r) CPU BLAS is 2-6x slower on gᵀ u or g B than on uᵀ g or Bᵀ gᵀ.
-        g_b_t = lora_b.t() @ g.t() if (need_x or need_a) else None  # (r, N) = (g B)ᵀ
+        # s is applied once, to the small (r, N) = s·(g B)ᵀ shared by grad_x and grad_A.
+        scaled_g_b_t = (lora_b.t() @ g.t()).mul_(ctx.scaling) if (need_x or need_a) else None
         if need_x:
-            if mask2d is None:
-                if weight_io is None:
-                    grad_x = (g_b_t.t() @ lora_a).mul_(s)
-                else:
-                    grad_x = (g @ weight_io.t()).addmm_(g_b_t.t(), lora_a, alpha=s)
-            else:
-                lora_part = (g_b_t.t() @ lora_a).mul_(mask2d).mul_(s / ctx.keep_prob)
-                grad_x = lora_part if weight_io is None else lora_part.addmm_(g, weight_io.t())
+            # As in forward: the rank-r term first, the large g W_ioᵀ accumulated into it.
+            grad_x = scaled_g_b_t.t() @ lora_a
+            if mask2d is not None:
+                grad_x.mul_(mask2d).div_(ctx.keep_prob)
+            if weight_io is not None:
+                grad_x.addmm_(g, weight_io.t())
             grad_x = grad_x.view(ctx.x_shape)
         if need_a:
             dropped = x2d if mask2d is None else x2d * mask2d / ctx.keep_prob
-            grad_a = (g_b_t @ dropped).mul_(s)
+            grad_a = scaled_g_b_t @ dropped
         if need_bb:
-            grad_bb = (u.t() @ g).t().mul_(s)
+            grad_bb = (scaled_u.t() @ g).t()
         if ctx.has_bias and need_b:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None

@@ -1,0 +1,160 @@
+"""The fused causal-LM loss (``peftkit.lm_loss``): the same loss and gradients as the model's
+own ``.loss``, checked against the formula in float64, and the plain path wherever fusing
+would change what is computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, tiny_gpt2, tiny_llama
+from peftkit import LoraConfig, PromptConfig, attach
+from peftkit.lm_loss import fused_parts, linear_cross_entropy, training_loss
+
+
+def formula_loss(hidden, weight, bias, targets):
+    """Mean over rows with a target of logsumexp(z) − z[y], z = h Wᵀ + b, in float64."""
+    z = hidden.double() @ weight.double().t() + (0.0 if bias is None else bias.double())
+    scored = targets != -100
+    picked = z[scored].gather(1, targets[scored][:, None]).squeeze(1)
+    return (torch.logsumexp(z[scored], dim=1) - picked).mean()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_formula_in_float64(rows, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 50, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen)
+    bias = torch.randn(97, generator=gen) if with_bias else None
+    targets = torch.randint(0, 97, (3, 50), generator=gen)
+    targets[0, :20] = -100  # a prompt that is not scored
+    targets[2, -5:] = -100  # padding
+    loss = linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
+    loss.backward(torch.tensor(0.5))  # a weighted loss: the incoming gradient scales the kept one
+    expected_hidden = hidden.detach().double().requires_grad_()
+    expected = formula_loss(expected_hidden, weight, bias, targets)
+    (expected * 0.5).backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), expected_hidden.grad, rtol=1e-5, atol=1e-7)
+    assert hidden.grad[0, :20].abs().max() == 0  # rows without a label get no gradient
+
+
+def test_no_scored_row_is_nan_like_the_plain_mean():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(10, 8), None, torch.full((4,), -100))
+    assert torch.isnan(loss)
+
+
+def _batch(vocab: int = 128):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 24), generator=gen)
+    labels = ids.clone()
+    labels[:, :9] = -100  # the user's turn
+    labels[1, -4:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_training_loss_equals_the_models_own_loss_and_gradients(build):
+    model = attach(build(), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.train()
+    assert fused_parts(model) is not None
+    batch = _batch()
+    grads = []
+    for compute in (lambda: model(**batch).loss, lambda: training_loss(model, batch)):
+        model.zero_grad()
+        torch.manual_seed(5)  # GPT-2's dropout: the same masks in both forwards
+        loss = compute()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = grads
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bfloat16_autocast_stays_close_to_the_plain_loss():
+    model = attach(tiny_llama(), LoraConfig(r=4))
+    randomize_adapters(model)
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(**batch).loss
+        fused = training_loss(model, batch)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_plain_path_where_fusing_would_change_the_computation():
+    # A prompt adapter rewrites the call around virtual tokens.
+    prompt = attach(tiny_llama(), PromptConfig(num_virtual_tokens=4))
+    assert fused_parts(prompt) is None
+    # A LoRA on the head: the head is no plain frozen Linear.
+    on_head = attach(tiny_llama(), LoraConfig(r=4, target_modules=["lm_head"]))
+    assert fused_parts(on_head) is None
+    # A soft-capped model's logits are not the head's.
+    capped = tiny_llama()
+    capped.config.final_logit_softcapping = 30.0
+    assert fused_parts(attach(capped, LoraConfig(r=4))) is None
+    # A bare transformers model, with nothing of peftkit's around it.
+    assert fused_parts(tiny_llama()) is None
+    batch = _batch()
+    torch.testing.assert_close(training_loss(prompt, batch), prompt(**batch).loss)
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most rows of any tensor an op returns whose last dimension is ``width``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.rows = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.width:
+                self.rows = max(self.rows, t.numel() // self.width)
+        return out
+
+
+def test_the_logits_never_exist_whole(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit import lm_loss
+
+    torch.manual_seed(0)
+    vocab = 203  # no other width of the model
+    model = attach(LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                                num_attention_heads=4, vocab_size=vocab)), LoraConfig(r=4))
+    ids = torch.randint(0, vocab, (2, 100))
+    batch = {"input_ids": ids, "labels": ids}
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", 8 * vocab)
+    plain, fused = _LargestOutput(vocab), _LargestOutput(vocab)
+    with plain:
+        model(**batch).loss.backward()
+    with fused:
+        training_loss(model, batch).backward()
+    assert plain.rows >= 200  # the plain loss holds (2 x 100, vocab) logits
+    assert fused.rows <= 64  # chunks of 8 rows; the largest is the head's transposed (64, vocab) view
+
+
+def test_the_trainer_takes_the_fused_loss(monkeypatch):
+    from peftkit import lm_loss
+    from peftkit.train import accumulate_gradients
+
+    model = attach(tiny_llama(), LoraConfig(r=4))
+    randomize_adapters(model)
+    batch = _batch()
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    calls = []
+    original = lm_loss.LinearCrossEntropy.apply
+    monkeypatch.setattr(lm_loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or original(*a))
+    loss = accumulate_gradients(model, [batch, batch])
+    assert len(calls) == 2
+    assert loss == pytest.approx(expected, rel=1e-6)
