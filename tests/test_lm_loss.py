@@ -158,3 +158,13 @@ def test_the_trainer_takes_the_fused_loss(monkeypatch):
     loss = accumulate_gradients(model, [batch, batch])
     assert len(calls) == 2
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_without_grad_the_same_loss_and_no_graph():
+    model = attach(tiny_llama(), LoraConfig(r=4))
+    randomize_adapters(model)
+    batch = _batch()
+    with torch.no_grad():
+        fused, plain = training_loss(model, batch), model(**batch).loss
+    assert fused.grad_fn is None
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .distributed import is_sharded
 from .masks import IGNORE_INDEX
+from .model import PeftModel
 
 CHUNK_LOGITS = 1 << 22
 """Elements of one chunk of logits (16 MB in float32; below glibc's largest mmap threshold,
@@ -99,6 +101,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     rows = rows or max(MIN_CHUNK_ROWS, CHUNK_LOGITS // weight.shape[0])
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if not torch.is_grad_enabled():  # no gradient will be asked for: compute none in forward
+        hidden = hidden.detach()
     cast = [None if t is None else t.to(dtype) for t in (hidden.reshape(-1, hidden.shape[-1]), weight, bias)]
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropy.apply(cast[0], cast[1], cast[2], targets.reshape(-1), rows)
@@ -112,9 +116,6 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     no logit transform, whose output head is a frozen plain ``nn.Linear``. A bare transformers
     model, or one inside DDP or FSDP (whose hooks run on the wrapper's forward), is left to
     its own loss."""
-    from .distributed import is_sharded
-    from .model import PeftModel
-
     if not isinstance(model, PeftModel) or model._active_input_adapter() is not None or is_sharded(model):
         return None
     causal_lm = model.base_model
