@@ -16,9 +16,11 @@ Stages, each in a fresh worker process (``bench.harness``):
    process began: weights, activations, gradients, AdamW state; ``setup_peak_mib`` is the same
    read before the first step, ``peak_reserved_mib`` the allocator's). Dry run: peak RSS (VmHWM, ``harness.peak_rss_mb``).
 
-The step, identical on both sides: ``zero_grad(set_to_none=True)``; under ``torch.autocast(device,
-dtype=torch.bfloat16)`` ``loss = model(input_ids=ids, labels=ids).loss``; ``loss.backward()``;
-``AdamW(adapter params, lr=1e-4).step()``. Model: ``LlamaConfig`` hidden 2048, 16 layers, 16
+The step: ``zero_grad(set_to_none=True)``; under ``torch.autocast(device, dtype=torch.bfloat16)``
+the loss, PEFT's ``model(input_ids=ids, labels=ids).loss`` and peftkit's the one ``peftkit train``
+computes, ``peftkit.lm_loss.training_loss`` (fused: the logits never whole; the head stays
+bf16 on an NF4 base, so every configuration takes it); ``loss.backward()``; ``AdamW(adapter params,
+lr=1e-4).step()``. Model: ``LlamaConfig`` hidden 2048, 16 layers, 16
 heads, 8 KV heads, intermediate 5632, vocab 32000 (1.1 B parameters), sdpa, random weights from
 ``torch.manual_seed(0)`` made on the GPU in float32, stored in bf16 (``peftkit.precision.place``);
 8 x 1024 random tokens. LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down of every block,
@@ -155,15 +157,22 @@ def setup(config: str, side: str, s: dict, device, folder: Path):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def make_step(model, params, ids):
+def make_step(model, params, ids, side: str):
+    """One training step of ``side``'s model on ``ids``: peftkit's on the loss ``peftkit train``
+    computes (``lm_loss.training_loss``, fused where it applies), PEFT's on the model's own."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=LR)
+    if side == "peftkit":
+        from peftkit.lm_loss import training_loss
+        compute_loss = lambda: training_loss(model, {"input_ids": ids, "labels": ids})  # noqa: E731
+    else:
+        compute_loss = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = compute_loss()
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -196,7 +205,7 @@ def measure_speed(config: str, dry: bool, folder: Path) -> dict:
         except Exception as exc:
             sides[side] = {"error": f"setup failed: {type(exc).__name__}: {exc}"}
             continue
-        steps[side] = make_step(model, params, ids)
+        steps[side] = make_step(model, params, ids, side)
         sides[side] = {"trainable_params": sum(p.numel() for p in params),
                        "adapter_dtypes": sorted({str(p.dtype) for p in params}),
                        "frozen_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})}
@@ -232,7 +241,7 @@ def measure_memory(config: str, side: str, dry: bool, folder: Path) -> dict:
     if not dry:
         torch.cuda.reset_peak_memory_stats(device)
     model, params = setup(config, side, s, device, folder)
-    step = make_step(model, params, ids)
+    step = make_step(model, params, ids, side)
     sync()
     setup_peak = peak()
     step()  # warm-up
