@@ -51,6 +51,11 @@ plain loss's step (2026-12-03, AMD EPYC)."""
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "phi3"})
 """``config.model_type`` of the models whose forward is backbone -> head -> mean cross-entropy."""
 
+BACKBONE_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds",
+                           "use_cache", "labels"})
+"""Batch keys the fused loss understands; any other (``adapter_names`` of a mixed batch, a
+loss argument such as ``num_items_in_batch`` or ``shift_labels``) means the model's own call."""
+
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 """Config fields of models that change the logits after the head; any set means no fusion."""
 
@@ -61,14 +66,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     ``IGNORE_INDEX`` where a row is not scored; returns a float32 scalar (NaN with no scored
     row, as the plain mean). The logits are computed in hidden's dtype and their softmax in
     float32, as ``ForCausalLMLoss`` upcasts them. Gradient to hidden only: weight and bias
-    must be frozen (``training_loss`` checks)."""
+    must be frozen (``training_loss`` checks).
+
+    The gradient is computed in forward, before any loss scale is known, so it is divided by
+    the row count only after the product with W, and kept in float32 for a float16 hidden:
+    (softmax − onehot)/count in float16 would fall below its smallest number (1/V/count is
+    about 1e-9 for 32k tokens of a 32k vocabulary), and a GradScaler's incoming 2^16 is
+    above its largest."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows: int):
         scored = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)  # (n,) the rows with a label
         count = scored.numel()
         need_grad = ctx.needs_input_grad[0]
-        grad_hidden = torch.zeros_like(hidden) if need_grad else None
+        grad_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+        grad_hidden = torch.zeros_like(hidden, dtype=grad_dtype) if need_grad else None
+        ctx.hidden_dtype = hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, count, rows):
             index = scored[start:start + rows]
@@ -80,7 +93,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 probs = z.sub_(log_norm[:, None]).exp_()  # softmax, in z's memory
                 probs[torch.arange(index.numel(), device=z.device), target] -= 1.0
-                grad_hidden.index_copy_(0, index, (probs.div_(count).to(hidden.dtype) @ weight))
+                grad_hidden.index_copy_(0, index, (probs.to(hidden.dtype) @ weight).to(grad_dtype).div_(count))
             del z
         ctx.save_for_backward(grad_hidden)
         return total / count
@@ -89,7 +102,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(ctx.hidden_dtype), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -101,8 +114,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     rows = rows or max(MIN_CHUNK_ROWS, CHUNK_LOGITS // weight.shape[0])
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    if not torch.is_grad_enabled():  # no gradient will be asked for: compute none in forward
-        hidden = hidden.detach()
     cast = [None if t is None else t.to(dtype) for t in (hidden.reshape(-1, hidden.shape[-1]), weight, bias)]
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropy.apply(cast[0], cast[1], cast[2], targets.reshape(-1), rows)
@@ -135,10 +146,11 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The model's mean loss over the batch's scored labels, fused (``backbone_loss``) where
-    ``fused_parts`` allows and the labels are per token, else ``model(**batch).loss``."""
+    ``fused_parts`` allows, the labels are per token and the batch holds only
+    ``BACKBONE_KEYS``, else ``model(**batch).loss``."""
     parts = fused_parts(model)
     labels = batch.get("labels")
-    if parts is None or labels is None or labels.dim() != 2:
+    if parts is None or labels is None or labels.dim() != 2 or not BACKBONE_KEYS.issuperset(batch):
         return model(**batch).loss
     return backbone_loss(*parts, batch)
 
