@@ -156,8 +156,18 @@ def test_the_logits_never_exist_whole(monkeypatch):
     assert fused.rows <= 64  # chunks of 8 rows; the largest is the head's transposed (64, vocab) view
 
 
-def test_the_trainer_takes_the_fused_loss(monkeypatch):
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that gains one entry per call of the fused loss's autograd Function."""
     from peftkit import lm_loss
+
+    calls = []
+    original = lm_loss.LinearCrossEntropy.apply
+    monkeypatch.setattr(lm_loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_the_trainer_takes_the_fused_loss(fused_calls):
     from peftkit.train import accumulate_gradients
 
     model = attach(tiny_llama(), LoraConfig(r=4))
@@ -165,11 +175,8 @@ def test_the_trainer_takes_the_fused_loss(monkeypatch):
     batch = _batch()
     with torch.no_grad():
         expected = model(**batch).loss.item()
-    calls = []
-    original = lm_loss.LinearCrossEntropy.apply
-    monkeypatch.setattr(lm_loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or original(*a))
     loss = accumulate_gradients(model, [batch, batch])
-    assert len(calls) == 2
+    assert len(fused_calls) == 2
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
@@ -201,23 +208,18 @@ def test_without_grad_the_same_loss_and_no_gradient_work():
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_batch_keys_it_does_not_know_take_the_models_own_call(monkeypatch):
-    from peftkit import lm_loss
-
+def test_batch_keys_it_does_not_know_take_the_models_own_call(fused_calls):
     model = attach(tiny_llama(), LoraConfig(r=4), "a")
     attach(model, LoraConfig(r=4), "b")
     randomize_adapters(model)
     model.set_adapter("a")
     model.eval()  # a mixed batch is for inference
     batch = {**_batch(), "adapter_names": ["a", "b"]}
-    calls = []
-    original = lm_loss.LinearCrossEntropy.apply
-    monkeypatch.setattr(lm_loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         mixed = training_loss(model, batch)
         expected = model(**batch).loss
         only_a = training_loss(model, {k: v for k, v in batch.items() if k != "adapter_names"})
-    assert calls == [1]  # only the batch without adapter_names was fused
+    assert fused_calls == [1]  # only the batch without adapter_names was fused
     torch.testing.assert_close(mixed, expected)
     assert not torch.allclose(mixed, only_a)  # row 1 ran adapter b, not the active a
 
