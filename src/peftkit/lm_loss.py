@@ -125,8 +125,8 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     ``model`` is a peftkit ``PeftModel`` with no prompt or prefix adapter active (those
     rewrite the call around virtual tokens) around a causal LM of ``FUSED_MODEL_TYPES`` with
     no logit transform, whose output head is a frozen plain ``nn.Linear``. A bare transformers
-    model, or one inside DDP or FSDP (whose hooks run on the wrapper's forward), is left to
-    its own loss."""
+    model, or one inside DDP (called only through its wrapper) or FSDP (whose root forward
+    unshards the embeddings, final norm and head), is left to its own loss."""
     if not isinstance(model, PeftModel) or model._active_input_adapter() is not None or is_sharded(model):
         return None
     causal_lm = model.base_model
