@@ -119,14 +119,16 @@ def test_plain_path_where_fusing_would_change_the_computation():
     torch.testing.assert_close(training_loss(prompt, batch), prompt(**batch).loss)
 
 
-class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the most rows of any tensor an op returns whose last dimension is ``width``."""
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that runs, and the most rows of any tensor an op returns
+    whose last dimension is ``width``."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int | None = None):
         super().__init__()
-        self.width, self.rows = width, 0
+        self.width, self.rows, self.names = width, 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.width:
@@ -147,7 +149,7 @@ def test_the_logits_never_exist_whole(monkeypatch):
     batch = {"input_ids": ids, "labels": ids}
     monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 8)
     monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", 8 * vocab)
-    plain, fused = _LargestOutput(vocab), _LargestOutput(vocab)
+    plain, fused = _OpRecorder(vocab), _OpRecorder(vocab)
     with plain:
         model(**batch).loss.backward()
     with fused:
@@ -180,23 +182,11 @@ def test_the_trainer_takes_the_fused_loss(fused_calls):
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
-class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every op that runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_without_grad_the_same_loss_and_no_gradient_work():
     model = attach(tiny_llama(), LoraConfig(r=4))
     randomize_adapters(model)
     batch = _batch()
-    with_grad, without_grad = _OpNames(), _OpNames()
+    with_grad, without_grad = _OpRecorder(), _OpRecorder()
     with with_grad:
         training_loss(model, batch)
     with torch.no_grad(), without_grad:
