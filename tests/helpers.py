@@ -117,6 +117,18 @@ class HandLora(nn.Module):
         return self.linear(x) + s * (x @ self.A.t() @ self.B.t())
 
 
+def tied_llama_folder(folder):
+    """A tiny Llama saved as a transformers folder, its head its embedding (one tied tensor),
+    rotary tables as buffers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return save_transformers_folder(LlamaForCausalLM(config).eval(), folder)
+
+
 def write_jsonl(path, rows):
     """Write ``rows`` (dicts) as a JSONL file; returns ``path``."""
     import json

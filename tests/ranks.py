@@ -65,9 +65,35 @@ def kill_rank_after(proc: subprocess.Popen, log: Path, steps: int, rank: int = 1
     return stopped
 
 
+OWN_LOSS_REFUSED = '''
+import os
+if "own-loss" in os.environ.get("PEFTKIT_TEST_FAIL", "").split(",") and "RANK" in os.environ:
+    import torch
+    import peftkit.train
+    from transformers import LlamaForCausalLM
+    plain_forward, plain_step, stepping = LlamaForCausalLM.forward, peftkit.train.accumulate_gradients, []
+    def step(*args, **kwargs):
+        stepping.append(1)
+        try:
+            return plain_step(*args, **kwargs)
+        finally:
+            stepping.pop()
+    def refused(self, *args, labels=None, **kwargs):
+        if stepping and labels is not None and torch.is_grad_enabled():
+            raise RuntimeError("a training step took the Llama's own loss, not peftkit's fused loss")
+        return plain_forward(self, *args, labels=labels, **kwargs)
+    peftkit.train.accumulate_gradients, LlamaForCausalLM.forward = step, refused
+'''
+"""Appended to a test's sitecustomize.py: with ``own-loss`` among PEFTKIT_TEST_FAIL's
+comma-separated words, a rank whose training step (``train.accumulate_gradients``) computes
+a Llama's own loss (its forward with labels, gradients on) raises, so a run passes only if
+every step took the fused loss. The doctor's probes, outside the steps, keep the own loss."""
+
+
 def sitecustomize_env(site: Path, what: str) -> dict:
     """``ENV`` with ``site`` (a folder holding a sitecustomize.py, which every rank then runs
-    at start) first on PYTHONPATH and PEFTKIT_TEST_FAIL set to ``what`` for it to read."""
+    at start) first on PYTHONPATH and PEFTKIT_TEST_FAIL set to ``what`` (words, comma-separated)
+    for it to read."""
     return {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ENV.get('PYTHONPATH', '')}", "PEFTKIT_TEST_FAIL": what}
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_reference, write_jsonl
-from ranks import finish, kill_rank_after, sitecustomize_env, start, torchrun_command, train_args
+from helpers import tied_llama_folder, tiny_reference, write_jsonl
+from ranks import (OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
+                   train_args)
 from safetensors.torch import load_file
 
 from peftkit.data import Dataset, EpochBatches, Example
@@ -24,7 +25,8 @@ from peftkit.pretrain import task_lines
 
 # Patched into every rank through PYTHONPATH (no test hooks in the library): PEFTKIT_TEST_FAIL
 # = "raise" makes rank 1's third step raise; "mismatch" gives rank 1 LoRA of twice the rank;
-# "doctor" makes the doctor report an error.
+# "doctor" makes the doctor report an error; "own-loss" (ranks.OWN_LOSS_REFUSED) makes a training
+# step on a Llama's own loss raise.
 SITECUSTOMIZE = '''
 import os, sys
 what = os.environ.get("PEFTKIT_TEST_FAIL")
@@ -57,6 +59,7 @@ elif what == "doctor" and "RANK" in os.environ:
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     tiny_reference().save_pretrained(root / "reference")
+    tied_llama_folder(root / "llama")
     # 33 examples of lengths spread by up to 6 words: at 8 rows a step, each epoch ends with a
     # batch of one row, which leaves rank 1 no row (it still joins the all-reduce).
     lines = [line.rsplit(",", 1) for line in task_lines("B", 37, 0)]
@@ -64,7 +67,7 @@ def folders(tmp_path_factory):
     write_jsonl(root / "train.jsonl", records[:33])
     write_jsonl(root / "held_out.jsonl", records[33:])
     (root / "site").mkdir()
-    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE + OWN_LOSS_REFUSED)
     return root
 
 
@@ -126,6 +129,21 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(folder
         # AdamW would hide a gradient off by a constant factor; the norm before clipping does not.
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_a_transformers_model_trains_on_two_ranks_on_the_fused_loss(folders, tmp_path):
+    """A Llama in DDP takes the fused loss (inside DDP's call, so its all-reduce is prepared)
+    on every step of every rank, and trains the single process's adapter."""
+    args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--no-progress", "--steps", 3,
+            "--grad-accum", 2, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear"]
+    assert in_process(*args, "--batch-size", 8, "--out", tmp_path / "one") == 0
+    two = torchrun(*args, "--batch-size", 4, "--out", tmp_path / "two",
+                   env=sitecustomize_env(folders / "site", "own-loss"))
+    assert two.returncode == 0, two.stderr
+    one, other = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == other.keys() and one
+    for key in one:
+        torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
 
 
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(folders, tmp_path, capsys):

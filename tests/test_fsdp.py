@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_transformers_folder, tiny_reference, write_jsonl
-from ranks import finish, kill_rank_after, sitecustomize_env, start, torchrun_command, train_args
+from helpers import tied_llama_folder, tiny_reference, write_jsonl
+from ranks import (OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
+                   train_args)
 from safetensors.torch import load_file
 
 import peftkit
@@ -22,14 +23,15 @@ from peftkit.pretrain import task_lines
 # file raises, so a run that passes has read the base on rank 0 alone.
 SITECUSTOMIZE = '''
 import os
-if os.environ.get("PEFTKIT_TEST_FAIL") == "rank-0-reads" and os.environ.get("RANK", "0") != "0":
+fails = os.environ.get("PEFTKIT_TEST_FAIL", "").split(",")
+if "rank-0-reads" in fails and os.environ.get("RANK", "0") != "0":
     import safetensors, safetensors.torch
     from peftkit.models import folder
     def refused(*args, **kwargs):
         raise RuntimeError(f"rank {os.environ['RANK']} read a weights file")
     safetensors.safe_open = safetensors.torch.safe_open = safetensors.torch.load_file = refused
     folder.read = refused
-if os.environ.get("PEFTKIT_TEST_FAIL") == "other-buffers" and os.environ.get("RANK", "0") == "1":
+if "other-buffers" in fails and os.environ.get("RANK", "0") == "1":
     import torch
     from peftkit import loading
     original = loading._load_on_meta
@@ -41,24 +43,13 @@ if os.environ.get("PEFTKIT_TEST_FAIL") == "other-buffers" and os.environ.get("RA
 '''
 
 
-def tied_llama_folder(folder: Path) -> Path:
-    """A tiny Llama whose head is its embedding (one tied tensor), rotary tables as buffers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    return save_transformers_folder(LlamaForCausalLM(config).eval(), folder)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     tiny_reference().save_pretrained(root / "reference")
     tied_llama_folder(root / "llama")
     (root / "site").mkdir()
-    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE + OWN_LOSS_REFUSED)
     # Lengths spread by up to 6 words: every batch is padded, and rows differ in label tokens.
     lines = [line.rsplit(",", 1) for line in task_lines("B", 30, 0)]
     records = [{"prompt": "so " * (i % 7) + p + ",", "completion": c} for i, (p, c) in enumerate(lines)]
@@ -149,21 +140,15 @@ def test_a_sharded_run_resumes_on_another_rank_count_with_the_same_global_batch(
     assert "--fsdp shards the base over several ranks, and this run has one" in capsys.readouterr().err
 
 
-def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path, monkeypatch):
+def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path):
     """Llama with its head tied to its embedding and rotary buffers (not in the state dict):
-    rank 1 builds it on the meta device and still trains the single process's adapter."""
-    from peftkit import lm_loss
-
-    # A sharded model keeps the model's own loss (lm_loss.fused_parts), so the single process
-    # takes it too: the fused loss rounds otherwise, and Adam's first steps at lr 3e-3 carry
-    # that to 1.6e-5 in the adapter (fused against plain, one process), which is not what
-    # this test compares.
-    monkeypatch.setattr(lm_loss, "fused_parts", lambda model: None)
+    rank 1 builds it on the meta device and still trains the single process's adapter, every
+    step on the fused loss (computed inside the sharded root's call, which gathers the head)."""
     args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--eval-data", folders / "held_out.jsonl",
             "--no-progress", "--steps", 3, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear"]
     assert in_process(*args, "--batch-size", 4, "--out", tmp_path / "one") == 0
     two = torchrun(2, *args, "--batch-size", 2, "--fsdp", "--out", tmp_path / "two",
-                   env=sitecustomize_env(folders / "site", "rank-0-reads"))
+                   env=sitecustomize_env(folders / "site", "rank-0-reads,own-loss"))
     assert two.returncode == 0, two.stderr
     _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 tied Llama 2 x 2 vs 1 x 4")
 

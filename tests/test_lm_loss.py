@@ -79,10 +79,12 @@ def test_training_loss_equals_the_models_own_loss_and_gradients(build):
 
 
 def _lora_grads(model, compute_loss):
+    from peftkit.distributed import full  # a sharded model's gradients are DTensors
+
     model.zero_grad()
     loss = compute_loss()
     loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    return loss.detach(), torch.cat([full(p.grad).flatten() for p in model.parameters() if p.requires_grad])
 
 
 def test_bfloat16_autocast_is_as_close_to_float32_as_the_plain_loss():
@@ -235,3 +237,53 @@ def test_float16_under_a_loss_scale_keeps_the_plain_precision():
     fused = error(lambda h, w: linear_cross_entropy(h, w, None, targets))
     plain = error(lambda h, w: torch.nn.functional.cross_entropy((h @ w.t()).float(), targets))
     assert fused <= 1.2 * plain, (fused, plain)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (DDP and FSDP2 work on one rank too)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_ddp_and_fsdp_take_the_fused_loss_inside_their_call(wrapper, one_rank_group, fused_calls):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from peftkit.distributed import blocks
+
+    model = attach(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    batch = _batch()
+    plain_loss, plain_grads = _lora_grads(model, lambda: model(**batch).loss)
+    if wrapper == "ddp":
+        wrapped = DistributedDataParallel(model, broadcast_buffers=False)
+    else:
+        mesh = init_device_mesh("cpu", (1,))
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)  # the root: embeddings, norm and head sharded
+    hooks = []
+    wrapped.register_forward_pre_hook(lambda module, args: hooks.append(module))
+    fused_loss, fused_grads = _lora_grads(model, lambda: training_loss(wrapped, batch))
+    assert fused_calls == [1] and hooks == [wrapped]  # fused, and through the wrapper's own call
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_loss_asked_of_a_model_that_cannot_names_the_fallback():
+    from peftkit.lm_loss import fused_loss
+
+    prompt = attach(tiny_llama(), PromptConfig(num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="training_loss"):
+        prompt(**_batch(), run_inside=fused_loss)
+    model = attach(tiny_llama(), LoraConfig(r=4))
+    with pytest.raises(ValueError, match="training_loss"):
+        fused_loss(model, {**_batch(), "num_items_in_batch": 30})
+    with pytest.raises(TypeError, match="by keyword"):
+        model(_batch()["input_ids"], run_inside=fused_loss)

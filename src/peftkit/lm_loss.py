@@ -23,7 +23,10 @@ positions without a label (a conversation's user turns, padding) cost nothing at
 ``training_loss`` takes this path for the decoders whose forward is exactly "backbone, then
 head, then this loss" (Llama, Mistral, Qwen 2/3, Gemma 1, GPT-2, Phi-3) with a frozen plain
 ``nn.Linear`` head, and otherwise calls the model for its own loss: prompt and prefix
-tuning, a LoRA or a trained copy on the head, a logit soft-cap, DDP or FSDP wrappers.
+tuning, a LoRA or a trained copy on the head, a logit soft-cap. It runs inside the model's
+call (``model(**batch, run_inside=fused_loss)``), so a DDP or FSDP2 wrapper around the model
+does its work around it as around any forward: DDP prepares its gradient all-reduce, FSDP
+gathers the root's parameters (embeddings, final norm, head) and frees them after.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import is_sharded
 from .masks import IGNORE_INDEX
 from .model import PeftModel
 
@@ -122,12 +125,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(backbone, head) of a model whose loss ``training_loss`` can compute fused, else None.
 
-    ``model`` is a peftkit ``PeftModel`` with no prompt or prefix adapter active (those
-    rewrite the call around virtual tokens) around a causal LM of ``FUSED_MODEL_TYPES`` with
-    no logit transform, whose output head is a frozen plain ``nn.Linear``. A bare transformers
-    model, or one inside DDP (called only through its wrapper) or FSDP (whose root forward
-    unshards the embeddings, final norm and head), is left to its own loss."""
-    if not isinstance(model, PeftModel) or model._active_input_adapter() is not None or is_sharded(model):
+    ``model`` is a peftkit ``PeftModel`` (sharded by FSDP2 or not) with no prompt or prefix
+    adapter active (those rewrite the call around virtual tokens) around a causal LM of
+    ``FUSED_MODEL_TYPES`` with no logit transform, whose output head is a frozen plain
+    ``nn.Linear``. A bare transformers model is left to its own loss."""
+    if not isinstance(model, PeftModel) or model._active_input_adapter() is not None:
         return None
     causal_lm = model.base_model
     config = getattr(causal_lm, "config", None)
@@ -144,15 +146,36 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
-def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The model's mean loss over the batch's scored labels, fused (``backbone_loss``) where
-    ``fused_parts`` allows, the labels are per token and the batch holds only
-    ``BACKBONE_KEYS``, else ``model(**batch).loss``."""
-    parts = fused_parts(model)
+def _fusable(model: nn.Module, batch: dict) -> bool:
+    """Whether ``fused_parts`` allows ``model`` and ``batch`` has labels per token and only
+    ``BACKBONE_KEYS``."""
     labels = batch.get("labels")
-    if parts is None or labels is None or labels.dim() != 2 or not BACKBONE_KEYS.issuperset(batch):
+    return (fused_parts(model) is not None and labels is not None and labels.dim() == 2
+            and BACKBONE_KEYS.issuperset(batch))
+
+
+def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The mean loss over the batch's scored labels of ``model`` (a ``PeftModel``, or one in
+    ``DistributedDataParallel`` or sharded by ``fully_shard``): fused where ``_fusable``, by the
+    model's call with ``run_inside=fused_loss`` (through the wrapper, so its hooks run), else
+    ``model(**batch).loss``."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if not _fusable(inner, batch):
         return model(**batch).loss
-    return backbone_loss(*parts, batch)
+    return model(**batch, run_inside=fused_loss)
+
+
+def fused_loss(model: PeftModel, batch: dict) -> torch.Tensor:
+    """``backbone_loss`` of ``model``'s parts on ``batch``, or a ValueError naming why they
+    cannot be fused and what to call instead. Through a DDP or FSDP2 wrapper, call it inside
+    the model's call: ``model(**batch, run_inside=fused_loss)``, as ``training_loss`` does."""
+    if not _fusable(model, batch):
+        raise ValueError("the fused loss needs a causal LM of a fused model type "
+                         f"({', '.join(sorted(FUSED_MODEL_TYPES))}) in a PeftModel, with a frozen plain head, no "
+                         f"prompt or prefix adapter active, and a batch of {', '.join(sorted(BACKBONE_KEYS))} with "
+                         "labels (batch, tokens); call peftkit.lm_loss.training_loss(model, batch), which "
+                         "falls back to the model's own loss.")
+    return backbone_loss(*fused_parts(model), batch)
 
 
 def backbone_loss(backbone: nn.Module, head: nn.Linear, batch: dict) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +233,23 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # -- running ----------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None,
+                run_inside: Callable[["PeftModel", dict], Any] | None = None, **kwargs: Any) -> Any:
         """Run the wrapped model with the active adapters. With a prompt or prefix adapter
         active, the call is rewritten around its virtual tokens (``peftkit.virtual_tokens``).
 
         With ``adapter_names``, one per row of the batch (``"__base__"`` for none), each row
-        runs its own LoRA adapter alone instead, whatever is active (``mixed_batch.py``)."""
+        runs its own LoRA adapter alone instead, whatever is active (``mixed_batch.py``).
+
+        With ``run_inside``, a function of (this model, the keyword arguments), its result is
+        returned instead: a computation on the model's parts that must run inside this
+        module's call, where a DDP or FSDP2 wrapper's hooks run around it (the fused loss of
+        ``lm_loss.training_loss``)."""
+        if run_inside is not None:
+            if args or adapter_names is not None:
+                raise TypeError("run_inside takes the batch by keyword (input_ids=..., labels=...) and no "
+                                "adapter_names.")
+            return run_inside(self, kwargs)
         if adapter_names is not None:
             with mixed_batch.one_adapter_per_row(self, adapter_names, mixed_batch.batch_rows(args, kwargs)):
                 return self.base_model(*args, **kwargs)
