@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapter_files, integrations, mixed_batch, nf4, precision, registry, sites, targets, virtual_tokens
+from . import adapter_files, integrations, merging, mixed_batch, nf4, precision, registry, sites, targets, virtual_tokens
 from .config import PeftConfig
 from .methods.base import NO_ADAPTER, AdapterModule, adapter_modules
-from .methods.lora import LoraLayer
 from .methods.prefix import PrefixEncoder
 from .methods.prompt import PromptEncoder
 from .methods.trained_copy import TrainedCopy
@@ -302,104 +300,23 @@ class PeftModel(nn.Module):
             if was_merged:
                 self.merge()
 
-    # -- merging (M6) -------------------------------------------------------------
-    def _lora_layers(self) -> list[LoraLayer]:
-        return [m for _, m in adapter_modules(self.base_model) if isinstance(m, LoraLayer)]
-
+    # -- merging (M6): merging.py -------------------------------------------------
     def _lora_layers_merged(self) -> bool:
-        return any(layer.merged for layer in self._lora_layers())
-
-    def _refuse_bottleneck_merge(self) -> None:
-        layer_side = [n for n in self.active_adapters
-                      if not registry.method_for(self.configs[n]).mergeable
-                      and not registry.method_for(self.configs[n]).input_side]
-        if layer_side:
-            raise TypeError(
-                f"bottleneck adapters cannot be folded into the weights (active: {layer_side}): each "
-                "adds h + up(act(down(h))), a nonlinear function that no weight matrix can absorb. "
-                "Keep the adapter attached for inference (its cost is small), or use unload() to get "
-                "the base model back without it."
-            )
+        return merging.any_merged(self.base_model)
 
     def merge(self) -> None:
         """Fold the active LoRA adapters into the base weights (W ← W + s·B A)."""
-        self._refuse_bottleneck_merge()
-        if any(isinstance(m, LoraLayer) and nf4.is_quantized(m.base_layer) for m in self._all_adapter_modules()):
-            # Adding s·B A to 4-bit codes would round it away; the merge goes into Ŵ made plain.
-            raise RuntimeError("the LoRA layers' base is quantized (NF4), so the update cannot be folded into it in "
-                               "place: use merge_and_unload(dtype=...), which merges into the dequantized weights.")
-        if self._lora_layers_merged():
-            warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=2)
-            return
-        owners: dict[int, set[str]] = {}  # parameter id -> the modules holding it, gathered once
-        for path, module in self.base_model.named_modules(remove_duplicate=False):
-            for local, param in module.named_parameters(recurse=False, remove_duplicate=False):
-                owners.setdefault(id(param), set()).add(f"{path}.{local}")
-        for path, layer in adapter_modules(self.base_model):
-            if isinstance(layer, LoraLayer):
-                if layer.active_adapters:
-                    self._untie(layer, sorted(owners[id(layer.base_layer.weight)] - {f"{path}.base_layer.weight"}))
-                layer.merge()
-
-    def _untie(self, layer: LoraLayer, sharers: list[str]) -> None:
-        """Give ``layer`` its own base weight when another module shares it (GPT-2's ``wte``
-        and ``lm_head``, any model with tied word embeddings): merging W + s·B A into the
-        shared tensor would change that module too. The model's config stops declaring the
-        tie, so a merged model written to disk and read back stays untied."""
-        weight = layer.base_layer.weight
-        if not sharers:
-            return
-        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        config = getattr(self.base_model, "config", None)
-        for part in (config, getattr(config, "get_text_config", lambda: None)()):
-            if getattr(part, "tie_word_embeddings", False):
-                part.tie_word_embeddings = False
-        warnings.warn(f"merging LoRA into a weight that {sharers} share: the LoRA layer gets its own copy "
-                      "first, so that the shared module keeps the base weight; the merged model no longer "
-                      "ties them.", UserWarning, stacklevel=3)
+        merging.merge(self)
 
     def unmerge(self) -> None:
         """Subtract merged adapters from the base weights again."""
-        if not self._lora_layers_merged():
-            warnings.warn("no adapter is merged; unmerge() did nothing.", stacklevel=2)
-            return
-        for layer in self._lora_layers():
-            layer.unmerge()
+        merging.unmerge(self.base_model)
 
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
         """Merge the active adapters and return the plain model, with no peftkit module left;
-        with ``dtype``, the whole model is stored in it.
-
-        A quantized (NF4) base layer is first made a plain linear holding its dequantized
-        weight Ŵ in ``dtype`` (default: the dtype it was quantized from), then merged: the
-        result is the model that was trained, Ŵ + s · B A, never the weights before
-        quantization; the 4-bit layers LoRA did not target become plain Ŵ too. A warning gives
-        the largest rounding error of the merged weights against Ŵ + s · B A in float32."""
-        self._refuse_bottleneck_merge()
-        if self._active_input_adapter() is not None:
-            raise TypeError(
-                "a prompt or prefix adapter is active: it adds virtual tokens to every input rather "
-                "than changing a weight, so the plain model cannot carry it. Keep the PeftModel for "
-                "inference (merge() still folds any LoRA), or use unload() to drop it."
-            )
-        on_quantized = [m for m in self._all_adapter_modules()
-                        if isinstance(m, LoraLayer) and nf4.is_quantized(m.base_layer)]
-        quantized_bases = {id(layer): layer.base_layer for layer in on_quantized}  # 4-bit: cheap to keep
-        # Every 4-bit layer is made plain, targeted or not: a saved model holds no NF4 codes. A
-        # GPT-2 layer becomes a Conv1D again, whose LoRA then folds in the (in, out) layout.
-        for path, module in [(p, m) for p, m in self.base_model.named_modules() if nf4.is_quantized(m)]:
-            self.base_model.set_submodule(path, module.to_linear(dtype))
-        for layer in on_quantized:
-            layer.fan_in_fan_out = quantized_bases[id(layer)].conv1d
-        if not self._lora_layers_merged():
-            self.merge()
-        if on_quantized:
-            worst = max(_merge_rounding(layer, quantized_bases[id(layer)]) for layer in on_quantized)
-            stored = str(on_quantized[0].base_layer.weight.dtype).removeprefix("torch.")
-            warnings.warn(f"merged {len(on_quantized)} LoRA layer(s) into their NF4 base dequantized to {stored}: "
-                          f"the merged weights are within {worst:.1e} (relative to the largest) of Ŵ + s·B A in "
-                          "float32, Ŵ being the 4-bit base the adapter was trained on, not the original weights.",
-                          stacklevel=2)
+        with ``dtype``, the whole model is stored in it (``merging.merge_for_unload``: an NF4
+        base is merged into its dequantized weights)."""
+        merging.merge_for_unload(self, dtype)
         model = self._unwrap_all(keep_trained_copies=True)
         if dtype is not None:  # the whole merged model in the dtype asked for
             precision.place(model, precision.model_device(model), dtype)
@@ -479,18 +396,6 @@ def load(model: nn.Module, directory: str | Path, name: str = "default", trainab
     peft_model = model if isinstance(model, PeftModel) else PeftModel(model)
     peft_model.load_adapter(directory, name, trainable=trainable)
     return peft_model
-
-
-@torch.no_grad()
-def _merge_rounding(layer: LoraLayer, quantized: nn.Module) -> float:
-    """max |W_merged − (Ŵ + s·B A)| / max |Ŵ + s·B A|, the right side in float32, one layer at
-    a time (a float32 copy of every weight at once would cost more than the 4-bit model)."""
-    delta = sum(layer.delta_weight(n).float() for n in layer.active_adapters)
-    merged = layer.base_layer.weight.float()
-    if layer.fan_in_fan_out:  # a Conv1D again: (in, out); Ŵ is (out, in)
-        delta, merged = delta.t(), merged.t()
-    exact = quantized.weight.float() + delta
-    return float((merged - exact).abs().max() / exact.abs().max().clamp_min(1e-12))
 
 
 def attach(model: nn.Module, config: PeftConfig, name: str = "default", *,
