@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tied_llama_folder, tiny_reference, write_jsonl
-from ranks import (OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
+from ranks import (ENV, OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
                    train_args)
 from safetensors.torch import load_file
 
@@ -144,6 +144,17 @@ def test_a_transformers_model_trains_on_two_ranks_on_the_fused_loss(folders, tmp
     assert one.keys() == other.keys() and one
     for key in one:
         torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
+
+
+def test_a_data_parallel_run_prints_no_warning_of_torch_s(folders, tmp_path):
+    """With Python's warnings on (the tests' launches turn them off), a --nproc run's stderr
+    holds no warning from torch, such as DDP's deprecation of broadcast_buffers."""
+    env = {key: value for key, value in ENV.items() if key != "PYTHONWARNINGS"}
+    run = finish(start([sys.executable, "-m", "peftkit", "train",
+                        *train_args(folders, "--steps", 1, "--batch-size", 4, "--nproc", 2, "--out", tmp_path / "out")],
+                       env))
+    assert run.returncode == 0, run.stderr
+    assert "deprecated" not in run.stderr and "FutureWarning" not in run.stderr, run.stderr
 
 
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_adapter(folders, tmp_path, capsys):

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -154,11 +155,17 @@ def rank_rows(batch: dict, world: World) -> dict:
 def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """``model`` in DistributedDataParallel on several ranks (itself on one). DDP reduces only
     the parameters that require grad, the adapters'; the frozen base is never communicated.
-    Buffers (rotary tables) are constants, so they are not broadcast at every forward."""
+    Buffers (rotary tables, an NF4 base's 4-bit codes) are the same on every rank already, so
+    they are never broadcast: not at every forward, and not once at the start either."""
     if not world.active:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers=False for forward_sync_buffers=False, which
+        # still broadcasts every buffer once at the start: an NF4 base's codes are buffers, GBs
+        # for an 8B model. Until torch has its init_sync_buffers, the old switch stays, quietly.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
 
 def sync_unless(model: torch.nn.Module, skip: bool):
