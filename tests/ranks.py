@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,16 +79,17 @@ if "own-loss" in os.environ.get("PEFTKIT_TEST_FAIL", "").split(",") and "RANK" i
             return plain_step(*args, **kwargs)
         finally:
             stepping.pop()
-    def refused(self, *args, labels=None, **kwargs):
-        if stepping and labels is not None and torch.is_grad_enabled():
-            raise RuntimeError("a training step took the Llama's own loss, not peftkit's fused loss")
-        return plain_forward(self, *args, labels=labels, **kwargs)
+    def refused(self, *args, **kwargs):
+        if stepping and torch.is_grad_enabled():
+            raise RuntimeError("a training step ran the whole Llama (its logits), not peftkit's fused loss")
+        return plain_forward(self, *args, **kwargs)
     peftkit.train.accumulate_gradients, LlamaForCausalLM.forward = step, refused
 '''
 """Appended to a test's sitecustomize.py: with ``own-loss`` among PEFTKIT_TEST_FAIL's
-comma-separated words, a rank whose training step (``train.accumulate_gradients``) computes
-a Llama's own loss (its forward with labels, gradients on) raises, so a run passes only if
-every step took the fused loss. The doctor's probes, outside the steps, keep the own loss."""
+comma-separated words, a rank whose training step (``train.accumulate_gradients``) runs a
+Llama's own forward with gradients on (its logits: the own loss, or a stand-in row's logits)
+raises, so a run passes only if every micro-batch of every step took the fused loss, or the
+logit-free zero of a rank left without rows. The doctor's probes, outside the steps, run it."""
 
 
 def sitecustomize_env(site: Path, what: str) -> dict:
@@ -101,3 +103,16 @@ def train_args(folders: Path, *extra) -> list[str]:
     """The reference model and the test's data folders, no progress bars, then ``extra``."""
     return ["--model", str(folders / "reference"), "--data", str(folders / "train.jsonl"),
             "--eval-data", str(folders / "held_out.jsonl"), "--no-progress", *map(str, extra)]
+
+
+def same_train_logs(expected: Path, other: Path) -> None:
+    """The two runs' train_log.jsonl agree step by step: tokens exactly, the gradient norm
+    before clipping (AdamW would hide a gradient off by a constant factor; the norm does not)
+    and the loss to float32 sums in another order."""
+    logs = [[json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+            for folder in (expected, other)]
+    assert len(logs[0]) == len(logs[1]) and logs[0]
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    for a, b in zip(*logs):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

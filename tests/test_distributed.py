@@ -4,6 +4,7 @@ failing; the doctor's verdict on every rank; the sharding of every epoch's batch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tied_llama_folder, tiny_reference, write_jsonl
-from ranks import (ENV, OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
-                   train_args)
+from ranks import (ENV, OWN_LOSS_REFUSED, finish, kill_rank_after, same_train_logs, sitecustomize_env, start,
+                   torchrun_command, train_args)
 from safetensors.torch import load_file
 
 from peftkit.data import Dataset, EpochBatches, Example
@@ -59,7 +60,8 @@ elif what == "doctor" and "RANK" in os.environ:
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     tiny_reference().save_pretrained(root / "reference")
-    tied_llama_folder(root / "llama")
+    if importlib.util.find_spec("transformers"):  # for the tests of a transformers model only
+        tied_llama_folder(root / "llama")
     # 33 examples of lengths spread by up to 6 words: at 8 rows a step, each epoch ends with a
     # batch of one row, which leaves rank 1 no row (it still joins the all-reduce).
     lines = [line.rsplit(",", 1) for line in task_lines("B", 37, 0)]
@@ -122,19 +124,16 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(folder
     # which AdamW's g / sqrt(v) magnifies where a gradient is near zero.
     for key in one:
         torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
-    logs = [[json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
-            for name in ("one", "two")]
-    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
-    for a, b in zip(*logs):
-        # AdamW would hide a gradient off by a constant factor; the norm before clipping does not.
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    same_train_logs(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_transformers_model_trains_on_two_ranks_on_the_fused_loss(folders, tmp_path):
     """A Llama in DDP takes the fused loss (inside DDP's call, so its all-reduce is prepared)
-    on every step of every rank, and trains the single process's adapter."""
-    args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--no-progress", "--steps", 3,
+    on every step of every rank, and trains the single process's adapter. Step 5 ends the
+    epoch with one row, so rank 1 joins it on a stand-in row: its zero loss has no logits."""
+    pytest.importorskip("transformers")
+    args = ["--model", folders / "llama", "--data", folders / "train.jsonl", "--eval-data", folders / "held_out.jsonl",
+            "--no-progress", "--steps", 5,
             "--grad-accum", 2, "--lr", 3e-3, "--checkpoint-every", 0, "--target", "all-linear"]
     assert in_process(*args, "--batch-size", 8, "--out", tmp_path / "one") == 0
     two = torchrun(*args, "--batch-size", 4, "--out", tmp_path / "two",
@@ -144,6 +143,7 @@ def test_a_transformers_model_trains_on_two_ranks_on_the_fused_loss(folders, tmp
     assert one.keys() == other.keys() and one
     for key in one:
         torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
+    same_train_logs(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_data_parallel_run_prints_no_warning_of_torch_s(folders, tmp_path):

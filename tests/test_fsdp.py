@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tied_llama_folder, tiny_reference, write_jsonl
-from ranks import (OWN_LOSS_REFUSED, finish, kill_rank_after, sitecustomize_env, start, torchrun_command,
-                   train_args)
+from ranks import (OWN_LOSS_REFUSED, finish, kill_rank_after, same_train_logs, sitecustomize_env, start,
+                   torchrun_command, train_args)
 from safetensors.torch import load_file
 
 import peftkit
@@ -151,6 +151,7 @@ def test_a_tied_transformers_model_shards_from_rank_0_alone(folders, tmp_path):
                    env=sitecustomize_env(folders / "site", "rank-0-reads,own-loss"))
     assert two.returncode == 0, two.stderr
     _same_adapter(tmp_path / "two", tmp_path / "one", "FSDP2 tied Llama 2 x 2 vs 1 x 4")
+    same_train_logs(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_bfloat16_base_trains_sharded_beside_float32_adapters(folders, tmp_path):

@@ -138,15 +138,19 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_the_logits_never_exist_whole(monkeypatch):
+def _llama_of_vocab(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=4, vocab_size=vocab))
+
+
+def test_the_logits_never_exist_whole(monkeypatch):
     from peftkit import lm_loss
 
-    torch.manual_seed(0)
     vocab = 203  # no other width of the model
-    model = attach(LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                                num_attention_heads=4, vocab_size=vocab)), LoraConfig(r=4))
+    model = attach(_llama_of_vocab(vocab), LoraConfig(r=4))
     ids = torch.randint(0, vocab, (2, 100))
     batch = {"input_ids": ids, "labels": ids}
     monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 8)
@@ -249,8 +253,11 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp-causal-lm-apart"])
 def test_ddp_and_fsdp_take_the_fused_loss_inside_their_call(wrapper, one_rank_group, fused_calls):
+    """Through DDP or FSDP2 (blocks, then the PeftModel as root, as ``peftkit train --fsdp``)
+    the fused loss runs inside the wrapper's call; with the causal LM sharded as a unit of its
+    own, whose gather the fused loss would skip, the model's own loss, still right."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -267,11 +274,14 @@ def test_ddp_and_fsdp_take_the_fused_loss_inside_their_call(wrapper, one_rank_gr
         mesh = init_device_mesh("cpu", (1,))
         for block in blocks(model):
             fully_shard(block, mesh=mesh)
+        if wrapper == "fsdp-causal-lm-apart":
+            fully_shard(model.base_model, mesh=mesh)
         wrapped = fully_shard(model, mesh=mesh)  # the root: embeddings, norm and head sharded
     hooks = []
     wrapped.register_forward_pre_hook(lambda module, args: hooks.append(module))
     fused_loss, fused_grads = _lora_grads(model, lambda: training_loss(wrapped, batch))
-    assert fused_calls == [1] and hooks == [wrapped]  # fused, and through the wrapper's own call
+    assert hooks == [wrapped]  # through the wrapper's own call
+    assert fused_calls == ([] if wrapper == "fsdp-causal-lm-apart" else [1])
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused_grads, plain_grads, rtol=1e-4, atol=1e-6)
 
@@ -287,3 +297,25 @@ def test_the_fused_loss_asked_of_a_model_that_cannot_names_the_fallback():
         fused_loss(model, {**_batch(), "num_items_in_batch": 30})
     with pytest.raises(TypeError, match="by keyword"):
         model(_batch()["input_ids"], run_inside=fused_loss)
+
+
+def test_a_rank_without_labels_joins_the_backward_without_logits():
+    from peftkit.lm_loss import joining_loss
+
+    vocab = 203  # no other width of the model
+    fused = attach(_llama_of_vocab(vocab), LoraConfig(r=4, target_modules="all-linear"))
+    prompt = attach(_llama_of_vocab(vocab), PromptConfig(num_virtual_tokens=4))  # not fusable: logits x 0
+    ids = torch.randint(0, vocab, (2, 24))
+    stand_in = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+    for model in (fused, prompt):
+        recorder = _OpRecorder(vocab)
+        with recorder:
+            zero = joining_loss(model, stand_in)
+            zero.backward()
+        assert zero.item() == 0.0
+        if model is fused:
+            assert recorder.rows == 0  # the head never ran: no logits, not even its weight's view
+        else:
+            assert recorder.rows >= 2 * (24 + 4)  # the prompt model's whole logits, virtual tokens too
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.abs().max() == 0 for g in grads)  # every one joins

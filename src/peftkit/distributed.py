@@ -154,7 +154,8 @@ def rank_rows(batch: dict, world: World) -> dict:
 
 def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """``model`` in DistributedDataParallel on several ranks (itself on one). DDP reduces only
-    the parameters that require grad, the adapters'; the frozen base is never communicated.
+    the gradients of the parameters that require grad, the adapters'; the frozen base's
+    parameters are sent once, rank 0's to every rank when DDP starts, and never again.
     Buffers (rotary tables, an NF4 base's 4-bit codes) are the same on every rank already, so
     they are never broadcast: not at every forward, and not once at the start either."""
     if not world.active:

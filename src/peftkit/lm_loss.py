@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import is_sharded
 from .masks import IGNORE_INDEX
 from .model import PeftModel
 
@@ -128,7 +129,9 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     ``model`` is a peftkit ``PeftModel`` (sharded by FSDP2 or not) with no prompt or prefix
     adapter active (those rewrite the call around virtual tokens) around a causal LM of
     ``FUSED_MODEL_TYPES`` with no logit transform, whose output head is a frozen plain
-    ``nn.Linear``. A bare transformers model is left to its own loss."""
+    ``nn.Linear``. A bare transformers model is left to its own loss, and so is a model whose
+    causal LM or head FSDP2 sharded as a unit of its own: the fused loss calls neither, so
+    their gather would not run (``peftkit train --fsdp`` shards the blocks and the PeftModel)."""
     if not isinstance(model, PeftModel) or model._active_input_adapter() is not None:
         return None
     causal_lm = model.base_model
@@ -142,6 +145,8 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     if backbone is causal_lm or type(head) is not nn.Linear:  # a LoRA or trained copy wraps the head
         return None
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None
+    if is_sharded(causal_lm) or is_sharded(head):
         return None
     return backbone, head
 
@@ -176,6 +181,23 @@ def fused_loss(model: PeftModel, batch: dict) -> torch.Tensor:
                          "labels (batch, tokens); call peftkit.lm_loss.training_loss(model, batch), which "
                          "falls back to the model's own loss.")
     return backbone_loss(*fused_parts(model), batch)
+
+
+def joining_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A zero loss whose backward reaches every trainable parameter, for a rank that has no
+    label token in a micro-batch but must join DDP's or FSDP2's gradient reduction (``batch``
+    is a stand-in row, its labels masked): where ``_fusable``, the backbone's last hidden
+    states times 0, inside the model's call and without any logits; else the model's logits
+    times 0."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if _fusable(inner, batch):
+        return model(**batch, run_inside=_zero_from_hidden)
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float().sum() * 0.0
+
+
+def _zero_from_hidden(model: PeftModel, batch: dict) -> torch.Tensor:
+    backbone, _ = fused_parts(model)
+    return backbone(**{k: v for k, v in batch.items() if k != "labels"})[0].float().sum() * 0.0
 
 
 def backbone_loss(backbone: nn.Module, head: nn.Linear, batch: dict) -> torch.Tensor:

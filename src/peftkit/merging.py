@@ -47,9 +47,10 @@ def refuse_bottleneck_merge(pm: PeftModel) -> None:
         )
 
 
-def merge(pm: PeftModel) -> None:
+def merge(pm: PeftModel, stacklevel: int = 3) -> None:
     """Fold ``pm``'s active LoRA adapters into the base weights (W ← W + s·B A), in place;
-    a warning and nothing more when they already are."""
+    a warning and nothing more when they already are. ``stacklevel``: of this function's
+    warnings (3: the line that called ``PeftModel.merge``)."""
     refuse_bottleneck_merge(pm)
     layers = lora_layers(pm.base_model)
     if any(nf4.is_quantized(layer.base_layer) for layer in layers):
@@ -57,7 +58,7 @@ def merge(pm: PeftModel) -> None:
         raise RuntimeError("the LoRA layers' base is quantized (NF4), so the update cannot be folded into it in "
                            "place: use merge_and_unload(dtype=...), which merges into the dequantized weights.")
     if any(layer.merged for layer in layers):
-        warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=3)
+        warnings.warn("adapters are already merged; merge() did nothing.", stacklevel=stacklevel)
         return
     owners: dict[int, set[str]] = {}  # parameter id -> the modules holding it, gathered once
     for path, module in pm.base_model.named_modules(remove_duplicate=False):
@@ -66,11 +67,12 @@ def merge(pm: PeftModel) -> None:
     for path, layer in adapter_modules(pm.base_model):
         if isinstance(layer, LoraLayer):
             if layer.active_adapters:
-                untie(pm.base_model, layer, sorted(owners[id(layer.base_layer.weight)] - {f"{path}.base_layer.weight"}))
+                sharers = sorted(owners[id(layer.base_layer.weight)] - {f"{path}.base_layer.weight"})
+                untie(pm.base_model, layer, sharers, stacklevel + 1)
             layer.merge()
 
 
-def untie(model: nn.Module, layer: LoraLayer, sharers: list[str]) -> None:
+def untie(model: nn.Module, layer: LoraLayer, sharers: list[str], stacklevel: int) -> None:
     """Give ``layer`` its own base weight when other modules of ``model`` share it (``sharers``:
     GPT-2's ``wte`` and ``lm_head``, any model with tied word embeddings): merging W + s·B A
     into the shared tensor would change them too. The model's config stops declaring the tie,
@@ -85,7 +87,7 @@ def untie(model: nn.Module, layer: LoraLayer, sharers: list[str]) -> None:
             part.tie_word_embeddings = False
     warnings.warn(f"merging LoRA into a weight that {sharers} share: the LoRA layer gets its own copy "
                   "first, so that the shared module keeps the base weight; the merged model no longer "
-                  "ties them.", UserWarning, stacklevel=4)
+                  "ties them.", UserWarning, stacklevel=stacklevel)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -122,7 +124,7 @@ def merge_for_unload(pm: PeftModel, dtype: torch.dtype | None) -> None:
     for layer in on_quantized:
         layer.fan_in_fan_out = quantized_bases[id(layer)].conv1d
     if not any_merged(pm.base_model):
-        merge(pm)
+        merge(pm, stacklevel=4)  # called by PeftModel.merge_and_unload
     if on_quantized:
         worst = max(merge_rounding(layer, quantized_bases[id(layer)]) for layer in on_quantized)
         stored = str(on_quantized[0].base_layer.weight.dtype).removeprefix("torch.")

@@ -18,7 +18,7 @@ from . import distributed, registry
 from .config import PeftConfig
 from .data import EpochBatches
 from .distributed import SINGLE, World
-from .lm_loss import training_loss
+from .lm_loss import joining_loss, training_loss
 from .model import PeftModel
 from .precision import Precision
 from .train_checkpoints import checkpoint_paths, newest_step, restore_checkpoint, save_checkpoint, trainable_parameters
@@ -223,8 +223,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
         with distributed.sync_unless(model, skip=index < len(micro_batches) - 1):
             if count == 0:
                 with precision.autocast():
-                    logits = model(**precision.move({k: v for k, v in batch.items() if k != "labels"})).logits
-                (logits.float().sum() * 0.0).backward()
+                    zero = joining_loss(model, precision.move(batch))  # no logits where it can (lm_loss.py)
+                zero.backward()
                 continue
             with precision.autocast():
                 loss = training_loss(model, precision.move(batch))  # fused where it can (lm_loss.py)
