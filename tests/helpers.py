@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed: int = 0, hidden_size: int = 64):
+def tiny_llama(seed: int = 0, hidden_size: int = 64, vocab_size: int = 128):
     """A Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
                          max_position_embeddings=128)
     return LlamaForCausalLM(config).eval()
 

@@ -138,19 +138,11 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _llama_of_vocab(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                        num_attention_heads=4, vocab_size=vocab))
-
-
 def test_the_logits_never_exist_whole(monkeypatch):
     from peftkit import lm_loss
 
-    vocab = 203  # no other width of the model
-    model = attach(_llama_of_vocab(vocab), LoraConfig(r=4))
+    vocab = 203  # no other width of the model (64, 128, 32)
+    model = attach(tiny_llama(vocab_size=vocab), LoraConfig(r=4))
     ids = torch.randint(0, vocab, (2, 100))
     batch = {"input_ids": ids, "labels": ids}
     monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 8)
@@ -302,9 +294,9 @@ def test_the_fused_loss_asked_of_a_model_that_cannot_names_the_fallback():
 def test_a_rank_without_labels_joins_the_backward_without_logits():
     from peftkit.lm_loss import joining_loss
 
-    vocab = 203  # no other width of the model
-    fused = attach(_llama_of_vocab(vocab), LoraConfig(r=4, target_modules="all-linear"))
-    prompt = attach(_llama_of_vocab(vocab), PromptConfig(num_virtual_tokens=4))  # not fusable: logits x 0
+    vocab = 203  # no other width of the model (64, 128, 32)
+    fused = attach(tiny_llama(vocab_size=vocab), LoraConfig(r=4, target_modules="all-linear"))
+    prompt = attach(tiny_llama(vocab_size=vocab), PromptConfig(num_virtual_tokens=4))  # not fusable: logits x 0
     ids = torch.randint(0, vocab, (2, 24))
     stand_in = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
     for model in (fused, prompt):

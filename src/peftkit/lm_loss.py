@@ -151,21 +151,31 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
-def _fusable(model: nn.Module, batch: dict) -> bool:
-    """Whether ``fused_parts`` allows ``model`` and ``batch`` has labels per token and only
-    ``BACKBONE_KEYS``."""
+def _parts_for(model: nn.Module, batch: dict) -> tuple[nn.Module, nn.Linear] | None:
+    """``fused_parts(model)`` when ``batch`` also allows the fused loss (labels per token, only
+    ``BACKBONE_KEYS``), else None."""
     labels = batch.get("labels")
-    return (fused_parts(model) is not None and labels is not None and labels.dim() == 2
-            and BACKBONE_KEYS.issuperset(batch))
+    if labels is None or labels.dim() != 2 or not BACKBONE_KEYS.issuperset(batch):
+        return None
+    return fused_parts(model)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DDP (the one whose parts the fused loss reads); any other as it is."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _inputs(batch: dict) -> dict:
+    """The batch without its labels: what the backbone (or a logits-only call) takes."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The mean loss over the batch's scored labels of ``model`` (a ``PeftModel``, or one in
-    ``DistributedDataParallel`` or sharded by ``fully_shard``): fused where ``_fusable``, by the
-    model's call with ``run_inside=fused_loss`` (through the wrapper, so its hooks run), else
-    ``model(**batch).loss``."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if not _fusable(inner, batch):
+    ``DistributedDataParallel`` or sharded by ``fully_shard``): fused where ``_parts_for``
+    allows, by the model's call with ``run_inside=fused_loss`` (through the wrapper, so its
+    hooks run), else ``model(**batch).loss``."""
+    if _parts_for(_unwrapped(model), batch) is None:
         return model(**batch).loss
     return model(**batch, run_inside=fused_loss)
 
@@ -174,30 +184,30 @@ def fused_loss(model: PeftModel, batch: dict) -> torch.Tensor:
     """``backbone_loss`` of ``model``'s parts on ``batch``, or a ValueError naming why they
     cannot be fused and what to call instead. Through a DDP or FSDP2 wrapper, call it inside
     the model's call: ``model(**batch, run_inside=fused_loss)``, as ``training_loss`` does."""
-    if not _fusable(model, batch):
+    parts = _parts_for(model, batch)
+    if parts is None:
         raise ValueError("the fused loss needs a causal LM of a fused model type "
                          f"({', '.join(sorted(FUSED_MODEL_TYPES))}) in a PeftModel, with a frozen plain head, no "
                          f"prompt or prefix adapter active, and a batch of {', '.join(sorted(BACKBONE_KEYS))} with "
                          "labels (batch, tokens); call peftkit.lm_loss.training_loss(model, batch), which "
                          "falls back to the model's own loss.")
-    return backbone_loss(*fused_parts(model), batch)
+    return backbone_loss(*parts, batch)
 
 
 def joining_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """A zero loss whose backward reaches every trainable parameter, for a rank that has no
     label token in a micro-batch but must join DDP's or FSDP2's gradient reduction (``batch``
-    is a stand-in row, its labels masked): where ``_fusable``, the backbone's last hidden
-    states times 0, inside the model's call and without any logits; else the model's logits
-    times 0."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if _fusable(inner, batch):
+    is a stand-in row, its labels masked): where ``_parts_for`` allows, the backbone's last
+    hidden states times 0, inside the model's call and without any logits; else the model's
+    logits times 0."""
+    if _parts_for(_unwrapped(model), batch) is not None:
         return model(**batch, run_inside=_zero_from_hidden)
-    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float().sum() * 0.0
+    return model(**_inputs(batch)).logits.float().sum() * 0.0
 
 
 def _zero_from_hidden(model: PeftModel, batch: dict) -> torch.Tensor:
     backbone, _ = fused_parts(model)
-    return backbone(**{k: v for k, v in batch.items() if k != "labels"})[0].float().sum() * 0.0
+    return backbone(**_inputs(batch))[0].float().sum() * 0.0
 
 
 def backbone_loss(backbone: nn.Module, head: nn.Linear, batch: dict) -> torch.Tensor:
@@ -205,6 +215,6 @@ def backbone_loss(backbone: nn.Module, head: nn.Linear, batch: dict) -> torch.Te
     its ``backbone`` and output ``head``, never holding the whole logits: the backbone's last
     hidden states (B, T, H), position t scored against label t + 1 (the last one against
     nothing), through ``linear_cross_entropy``."""
-    hidden = backbone(**{k: v for k, v in batch.items() if k != "labels"})[0]
+    hidden = backbone(**_inputs(batch))[0]
     targets = nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device)
     return linear_cross_entropy(hidden, head.weight, head.bias, targets)
