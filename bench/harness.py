@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -231,6 +232,48 @@ def round_summary(seconds: dict[str, list[float]], ratios: Sequence[tuple[str, s
                     "median_of_rounds": median, "of_min": min(seconds[case]) / min(seconds[reference]),
                     "met": None if target is None else median <= target})
     return {"results": rows, "ratios": out}
+
+
+MEDIAN_CONFIDENCE = 0.95
+
+
+def median_interval(values: Sequence[float], confidence: float = MEDIAN_CONFIDENCE) -> tuple[float, float] | None:
+    """A distribution-free ``confidence`` interval for the median of what ``values`` sample
+    (independent draws): with x(1) <= ... <= x(n) sorted, [x(k), x(n+1-k)] holds the median
+    with probability 1 - 2 P(Binomial(n, 1/2) <= k - 1), and k is the largest for which that
+    is at least ``confidence``. It assumes nothing of the noise's shape (this VM's steps slow
+    down by 10-40% at random), so it is wide where the noise is. None when there are too few
+    values for any k (fewer than 6 at 95%)."""
+    n = len(values)
+    ordered = sorted(values)
+    best = None
+    for k in range(1, n // 2 + 1):
+        outside = 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        if 1 - outside < confidence:
+            break
+        best = (ordered[k - 1], ordered[n - k])
+    return best
+
+
+def reread(path: Path, command: str) -> dict:
+    """A saved report whose ratios are read again by today's rules: each per-round ratio of
+    its rows gets its ``median_interval`` (the measurements themselves are untouched), and
+    the report records when and by what command (``report["reread"]``); the caller checks
+    its targets again and writes it."""
+    report = json.loads(Path(path).read_text())
+    for rows in [report["rows"]] if "rows" in report else [s["rows"] for s in report["settings"].values()]:
+        for row in rows.values():
+            for found in row.values():
+                if isinstance(found, dict) and "per_round" in found:
+                    found["interval"] = median_interval(found["per_round"])
+    report["reread"] = {"date": utc_now(), "command": command}
+    return report
+
+
+def reread_line(report: dict) -> list[str]:
+    """The report's line saying it was read again, if it was."""
+    again = report.get("reread")
+    return [f"Read again {again['date']} by `{again['command']}` (the same measurements).", ""] if again else []
 
 
 def expand_cases(text: str, known: list[str], groups: dict[str, list[str]]) -> list[str]:

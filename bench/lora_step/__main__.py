@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker (default 3600)")
     p.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR, help="where the report goes")
     p.add_argument("--name", default="lora_step", help="file name of the report (default lora_step)")
+    p.add_argument("--reread", type=Path, metavar="JSON",
+                   help="read a saved report's measurements again (targets, intervals) and write it anew")
     p.add_argument("--worker", metavar="CASE", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--time-worker", metavar="CASES", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)  # a memory worker's steps
@@ -88,6 +90,11 @@ def main(argv=None) -> int:
     if args.worker:
         return worker_main(args.worker, args.warmup, args.steps, args.threads, args.tuned_malloc)
 
+    if args.reread:
+        report = harness.reread(args.reread, " ".join(["python -m bench.lora_step", *argv]))
+        for setting in report["settings"].values():
+            setting["targets"] = check_targets(setting["rows"])
+        return write(report, args)
     settings = ["default", "tuned"] if args.malloc == "both" else [args.malloc]
     report = {
         "benchmark": "lora_step",
@@ -104,6 +111,10 @@ def main(argv=None) -> int:
         },
         "settings": {setting: measure(setting, args) for setting in settings},
     }
+    return write(report, args)
+
+
+def write(report: dict, args) -> int:
     md = markdown_report(report)
     harness.write_atomic(args.out_dir / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
     harness.write_atomic(args.out_dir / f"{args.name}.md", md)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import statistics
 
-from bench.harness import error_cells, fmt, table_head, table_row
+from bench.harness import (
+    MEDIAN_CONFIDENCE, error_cells, fmt, median_interval, reread_line, table_head, table_row,
+)
 from bench.lora_step.cases import ABOVE_FLOOR, PEFT_COUNTERPART, TARGETS
 
 REFERENCES = {"floor": lambda case: "floor", "full": lambda case: "full", "peft": PEFT_COUNTERPART.get}
@@ -14,12 +16,27 @@ REFERENCES = {"floor": lambda case: "floor", "full": lambda case: "full", "peft"
 
 def step_ratio(seconds: dict[str, list[float]], case: str, reference: str | None) -> dict | None:
     """``case`` over ``reference``: the ratio of each round's two steps (taken moments apart),
-    its median, and the ratio of the two minima; None when either was not timed."""
+    its median with a distribution-free 95% interval (``harness.median_interval``), and the
+    ratio of the two minima; None when either was not timed."""
     if reference is None or case not in seconds or reference not in seconds or case == reference:
         return None
     per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
     return {"reference": reference, "median_of_rounds": statistics.median(per_round),
-            "of_min": min(seconds[case]) / min(seconds[reference]), "per_round": per_round}
+            "interval": median_interval(per_round), "of_min": min(seconds[case]) / min(seconds[reference]),
+            "per_round": per_round}
+
+
+def step_target(found: dict | None, limit: float) -> tuple[float | None, list | None, bool | None]:
+    """(median of the per-round ratios, its interval, met) for a step target of ``limit``: met
+    only when the whole interval is at or below the limit, missed when all of it is above,
+    None (undecided at this noise, or not measured) otherwise."""
+    if found is None:
+        return None, None, None
+    interval = found.get("interval")
+    if interval is None:
+        return found["median_of_rounds"], None, None
+    low, high = interval
+    return found["median_of_rounds"], list(interval), True if high <= limit else False if low > limit else None
 
 
 def summarize(timing: dict, memory: dict[str, dict]) -> dict[str, dict]:
@@ -72,23 +89,32 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
         row = rows.get(case, {})
         if metric == "step":
             kind = "to_floor" if reference == "floor" else "to_full" if reference == "full" else "to_peft"
-            found = row.get(kind)
-            value = found["median_of_rounds"] if found else None
+            value, interval, met = step_target(row.get(kind), limit)
         else:
-            value = row.get("rss_to_peft")
+            value, interval = row.get("rss_to_peft"), None
+            met = None if value is None else value <= limit
         bound = floor_bound(rows, reference, metric) if reference != "floor" and case in ABOVE_FLOOR else None
         checks.append({"case": case, "reference": reference, "metric": metric, "max_ratio": limit, "ratio": value,
-                       "met": None if value is None else value <= limit, "floor_bound": bound,
+                       "interval": interval, "met": met, "floor_bound": bound,
                        "measurement_error": bool(row.get("below_floor")) and reference == "floor"})
     return checks
 
 
 def target_verdict(check: dict) -> str:
-    """met / missed / not measured, and for a missed target whose limit lies below the
-    floor's own ratio, that no LoRA could have met it here."""
-    verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
+    """met / missed / undecided / not measured, and for a missed target whose limit lies below
+    the floor's own ratio, that no LoRA could have met it here. A step target is met or missed
+    only by its whole interval; one that the interval spans is undecided at this noise."""
+    interval = check.get("interval")
+    span = f"{MEDIAN_CONFIDENCE:.0%} interval {interval[0]:.3f}-{interval[1]:.3f}" if interval else None
     if check.get("measurement_error"):
-        return "**not read: below the floor, a measurement error**"
+        return "**not read: below the floor, a measurement error**" + (f"; {span}" if span else "")
+    if check["met"] is None and check["ratio"] is not None:
+        verdict = (f"**undecided**: the {span} spans the limit" if span
+                   else "**undecided**: too few rounds for an interval")
+    else:
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
+        if span:
+            verdict += f", {span}"
     bound = check.get("floor_bound")
     if bound is not None:
         verdict += f"; the floor is {bound:.3f} x {check['reference']}"
@@ -160,13 +186,18 @@ def markdown_report(report: dict) -> str:
         f"{report['date']} · {m['cpu_model']} · torch {m['torch']} · {s['threads']} thread(s) · "
         f"transformers {m['transformers']} · peft {m['peft']}",
         "",
+        *reread_line(report),
         f"Llama {s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, fp32, "
         f"{s['attn_implementation']} attention, batch {s['batch']} x {s['seq_len']}, AdamW lr {s['lr']}, "
         f"LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout {s['lora']['dropout']}. "
         f"Timing: every case built in one process, {s['warmup']} warm-up steps each, then {s['rounds']} rounds "
         f"of one step per case (order reversed every round), each step timed by {s['clock']}. "
         "x floor / x PEFT / x full: the median over the rounds of (case / reference in the same round), "
-        "and in brackets the ratio of the two minima. Peak RSS: one fresh process per case "
+        "and in brackets the ratio of the two minima. "
+        "A step target is met only when the whole 95% interval of that median (distribution-free: order "
+        "statistics of the per-round ratios) is at or below its limit, missed when all of it is above, and "
+        "otherwise undecided at this machine's noise. "
+        "Peak RSS: one fresh process per case "
         f"({s['memory_warmup']} + {s['memory_steps']} steps).",
         "",
         "The floor is the frozen model's forward and backward down to the outputs of the first layer's q and v "
