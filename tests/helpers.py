@@ -28,6 +28,27 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+TINY_DECODER_EXTRAS = {
+    # Gemma's head_dim defaults to 256; a soft-cap of 2 bends the logits hard, so a loss that
+    # ignored it would show.
+    "gemma2": dict(head_dim=16, final_logit_softcapping=2.0, attn_implementation="eager"),
+    "gemma3_text": dict(head_dim=16, final_logit_softcapping=2.0, sliding_window=8),
+    "granite": dict(logits_scaling=4.0),
+}
+
+
+def tiny_decoder(model_type: str, seed: int = 0, vocab_size: int = 128):
+    """A 2-layer causal LM of ``model_type`` (transformers' ``AutoModelForCausalLM`` of its
+    config), hidden 64, vocab 128 unless told, with ``TINY_DECODER_EXTRAS`` where the type needs them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                  max_position_embeddings=128, **TINY_DECODER_EXTRAS.get(model_type, {}))
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertModel
 

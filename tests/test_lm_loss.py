@@ -4,17 +4,22 @@ would change what is computed."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from helpers import randomize_adapters, tiny_gpt2, tiny_llama
+from helpers import randomize_adapters, tiny_decoder, tiny_gpt2, tiny_llama
 from peftkit import LoraConfig, PromptConfig, attach
 from peftkit.lm_loss import fused_parts, linear_cross_entropy, training_loss
 
 
-def formula_loss(hidden, weight, bias, targets):
-    """Mean over rows with a target of logsumexp(z) − z[y], z = h Wᵀ + b, in float64."""
-    z = hidden.double() @ weight.double().t() + (0.0 if bias is None else bias.double())
+def formula_loss(hidden, weight, bias, targets, scale=1.0, softcap=None):
+    """Mean over rows with a target of logsumexp(z) − z[y], z = s·u or c·tanh(s·u / c) for
+    u = h Wᵀ + b, in float64 (its gradient by autograd through tanh)."""
+    z = scale * (hidden.double() @ weight.double().t() + (0.0 if bias is None else bias.double()))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     scored = targets != -100
     picked = z[scored].gather(1, targets[scored][:, None]).squeeze(1)
     return (torch.logsumexp(z[scored], dim=1) - picked).mean()
@@ -22,18 +27,22 @@ def formula_loss(hidden, weight, bias, targets):
 
 @pytest.mark.parametrize("rows", [1, 7, 64, None])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_formula_in_float64(rows, with_bias):
+@pytest.mark.parametrize("scale, softcap", [(1.0, None), (0.125, None), (1.0, 3.0), (0.5, 3.0)],
+                         ids=["plain", "scaled", "capped", "scaled-capped"])
+def test_matches_formula_in_float64(rows, with_bias, scale, softcap):
     gen = torch.Generator().manual_seed(0)
+    # Logits of a few units: a cap of 3 bends them hard (tanh' well below 1), so a missing or
+    # wrong chain-rule factor shows.
     hidden = torch.randn(3, 50, 16, generator=gen, requires_grad=True)
     weight = torch.randn(97, 16, generator=gen)
     bias = torch.randn(97, generator=gen) if with_bias else None
     targets = torch.randint(0, 97, (3, 50), generator=gen)
     targets[0, :20] = -100  # a prompt that is not scored
     targets[2, -5:] = -100  # padding
-    loss = linear_cross_entropy(hidden, weight, bias, targets, rows=rows)
+    loss = linear_cross_entropy(hidden, weight, bias, targets, rows=rows, scale=scale, softcap=softcap)
     loss.backward(torch.tensor(0.5))  # a weighted loss: the incoming gradient scales the kept one
     expected_hidden = hidden.detach().double().requires_grad_()
-    expected = formula_loss(expected_hidden, weight, bias, targets)
+    expected = formula_loss(expected_hidden, weight, bias, targets, scale, softcap)
     (expected * 0.5).backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(hidden.grad.double(), expected_hidden.grad, rtol=1e-5, atol=1e-7)
@@ -57,8 +66,14 @@ def _batch(vocab: int = 128):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+DECODERS = {"llama": tiny_llama, "gpt2": tiny_gpt2,
+            **{t: partial(tiny_decoder, t) for t in ("gemma2", "gemma3_text", "granite", "olmo", "olmo2", "phi")}}
+
+
+@pytest.mark.parametrize("build", DECODERS.values(), ids=DECODERS.keys())
 def test_training_loss_equals_the_models_own_loss_and_gradients(build):
+    # Gemma 2/3 soft-cap their logits (a cap of 2 here), Granite divides them by 4, Phi-2's
+    # head has a bias: the fused loss maps them as the model does.
     model = attach(build(), LoraConfig(r=4, target_modules="all-linear"))
     randomize_adapters(model)
     model.train()
@@ -138,11 +153,12 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_the_logits_never_exist_whole(monkeypatch):
+@pytest.mark.parametrize("build", [tiny_llama, partial(tiny_decoder, "gemma2")], ids=["llama", "gemma2-softcap"])
+def test_the_logits_never_exist_whole(monkeypatch, build):
     from peftkit import lm_loss
 
-    vocab = 203  # no other width of the model (64, 128, 32)
-    model = attach(tiny_llama(vocab_size=vocab), LoraConfig(r=4))
+    vocab = 203  # no other width of the model (64, 128, 32, 16)
+    model = attach(build(vocab_size=vocab), LoraConfig(r=4))
     ids = torch.randint(0, vocab, (2, 100))
     batch = {"input_ids": ids, "labels": ids}
     monkeypatch.setattr(lm_loss, "MIN_CHUNK_ROWS", 8)

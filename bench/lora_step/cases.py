@@ -156,7 +156,7 @@ def floor_step_fn(model, ids):
     batch = {"input_ids": ids, "labels": ids}
 
     def step() -> float:
-        loss = lm_loss.backbone_loss(model.model, model.lm_head, batch)
+        loss = lm_loss.backbone_loss(lm_loss.FusedParts(model.model, model.lm_head), batch)
         loss.backward()
         return loss.item()
 
