@@ -54,7 +54,7 @@ def validation_rows() -> tuple[list[dict], list[dict]]:
 def hooks_for(candidate: str):
     """(regroup, adjust_config) for run_classification: how ``candidate`` changes the
     optimizer groups or the config of peftkit's defaults (None: unchanged)."""
-    from peftkit.train import LORA_PLUS_RATIO, default_parameter_groups
+    from peftkit.learning_rates import LORA_PLUS_RATIO, default_parameter_groups
 
     def groups(ratio: float, rate: float | None = None):
         def regroup(model, _defaults):

@@ -13,7 +13,8 @@ from helpers import randomize_adapters, save_transformers_folder, tiny_llama, ti
 
 import peftkit
 from peftkit.cli import main
-from peftkit.loading import LoadedModel, ModelLoadError, save_model_folder
+from peftkit.loading import LoadedModel, ModelLoadError
+from peftkit.model_folder import save_model_folder
 from peftkit.models import ByteTokenizer
 
 

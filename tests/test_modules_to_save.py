@@ -199,7 +199,8 @@ def test_hf_peft_classifier_adapter_loads_in_peftkit_with_the_same_logits(method
 def test_the_head_trains_at_its_own_rate_beside_any_method(method):
     """train() without lr: the adapter at its method's rate, the modules trained in full at
     1e-3 in a group of their own (a prompt's 3e-2 would throw the pretrained pooler around)."""
-    from peftkit.train import TRAINED_COPY_LEARNING_RATE, default_learning_rate, train
+    from peftkit.train import train
+    from peftkit.learning_rates import TRAINED_COPY_LEARNING_RATE, default_learning_rate
 
     pm = peftkit.attach(tiny_bert_classifier(), METHODS[method]())
     seen = []

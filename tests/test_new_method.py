@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit import registry, train
+from peftkit import learning_rates, registry
 from peftkit.config import MethodConfig
 from peftkit.formats import peft_config as files
 from peftkit.methods.base import AdapterModule
@@ -113,7 +113,7 @@ def test_a_registered_method_attaches_trains_saves_and_loads(registered, tmp_pat
     torch.testing.assert_close(model_output(pm, ids), before)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("scales.default") for n in trainable)
-    assert train.default_learning_rate(pm.configs["default"], pm) == 3e-3
+    assert learning_rates.default_learning_rate(pm.configs["default"], pm) == 3e-3
 
     with torch.no_grad():
         for p in pm.parameters():

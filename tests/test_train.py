@@ -9,8 +9,8 @@ import torch
 from helpers import tiny_reference
 
 import peftkit
-from peftkit.train import (LORA_PLUS_RATIO, default_learning_rate, default_parameter_groups,
-                           train, warmup_cosine)
+from peftkit.train import train
+from peftkit.learning_rates import LORA_PLUS_RATIO, default_learning_rate, default_parameter_groups, warmup_cosine
 from peftkit.train_checkpoints import checkpoint_paths
 
 

@@ -27,7 +27,7 @@ row in an order fixed by the seed, the training loop (``peftkit.train.train``: A
 weight decay, linear warm-up over the first 10 % of the steps then cosine decay to 0) and
 the step budget (162 steps, about half an epoch). The learning rate is never tuned on the
 held-out split: peftkit's cases train with peftkit's own defaults (M9: the optimizer groups
-``peftkit.train.default_parameter_groups`` gives: the adapter at its method's rate, LoRA's
+``peftkit.learning_rates.default_parameter_groups`` gives: the adapter at its method's rate, LoRA's
 scaled to the model's width and split LoRA+ style into an A and a B rate, and the head trained
 in full at its own rate; the report's lr column and param_groups in the JSON give each), each
 PEFT case with the same rates as peftkit's same method (for LoRA the same A and B rates, as

@@ -55,7 +55,7 @@ def peft_config(method: str):
 def method_lr(method: str, model) -> float:
     """peftkit's default rate for a method on ``model`` (M9), used by peftkit and by PEFT's
     same method."""
-    from peftkit.train import default_learning_rate
+    from peftkit.learning_rates import default_learning_rate
 
     return default_learning_rate(peftkit_config(method), model)
 
@@ -64,8 +64,8 @@ def prepare_classification(case: str, model, adjust_config=None):
     """Wrap ``model`` for ``case``; return (model to train, its AdamW parameter groups, a
     record of the setup). ``adjust_config`` (a function of a peftkit config that returns
     another) is for studies of the defaults; the bench itself never passes it."""
-    from peftkit.train import (LORA_PLUS_RATIO, TRAINED_COPY_LEARNING_RATE, default_learning_rate,
-                               default_parameter_groups)
+    from peftkit.learning_rates import (LORA_PLUS_RATIO, TRAINED_COPY_LEARNING_RATE, default_learning_rate,
+                                        default_parameter_groups)
 
     library, _, method = case.partition("-")
     if case in ("head", "full"):
@@ -114,7 +114,7 @@ def prepare_classification(case: str, model, adjust_config=None):
 def lora_plus_ratio() -> float:
     """peftkit's LoRA+ ratio (B's rate over A's), given to PEFT's LoRA cases too."""
     harness.import_peftkit()
-    from peftkit.train import LORA_PLUS_RATIO
+    from peftkit.learning_rates import LORA_PLUS_RATIO
 
     return LORA_PLUS_RATIO
 

@@ -65,7 +65,8 @@ def run_generation(case: str, args) -> dict:
 
     peftkit = harness.import_peftkit()
     from peftkit import data
-    from peftkit.train import default_learning_rate, train
+    from peftkit.train import train
+    from peftkit.learning_rates import default_learning_rate
 
     seed = args.seeds[0]
     gguf = smollm2_gguf()

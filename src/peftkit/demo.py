@@ -31,7 +31,8 @@ from .specs.prompt import PromptConfig
 from . import validate
 from .peak_memory import peak_rss_mb
 from .data import EpochBatches, batches, build_dataset, read_jsonl, split
-from .loading import LoadedModel, load_model, save_model_folder
+from .loading import LoadedModel, load_model
+from .model_folder import save_model_folder
 from .model import attach, load
 from .pretrain import BASE_SEED, task_lines
 from .train import evaluate, train

@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -389,84 +388,3 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
         config["vocab_size"] = header.metadata.get("tokenizer.ggml.vocab_size")
     config["tie_word_embeddings"] = "output.weight" not in header.tensors
     return {k: v for k, v in config.items() if v is not None}
-
-
-def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The first (name, tensor) pair holding NaN or inf, as "name (k of n values)", or None."""
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values are NaN or inf)"
-    return None
-
-
-def save_model_folder(loaded: LoadedModel, folder: str | Path, *, max_shard_size: str | int = "5GB") -> Path:
-    """Write ``loaded.model`` (and its tokenizer) as a model folder that ``load_model`` and,
-    for transformers models, ``from_pretrained`` read: safetensors weights, split into files
-    of at most ``max_shard_size`` with a ``model.safetensors.index.json`` when larger
-    (transformers' own sharding; the reference decoder is always one file), built aside and
-    renamed into place so a crash leaves no half-written folder. A model with a NaN or
-    infinite weight is refused before anything is written: it could only compute NaN."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ModelLoadError(f"{folder} is a file; pick a new folder for the model.")
-    if folder.exists() and any(folder.iterdir()):
-        raise ModelLoadError(f"{folder} is not empty; pick a new folder for the model.")
-    bad = first_non_finite(loaded.model.state_dict().items())
-    if bad is not None:
-        raise ModelLoadError(f"the model's weight {bad}; nothing was written to {folder}. A model with "
-                             "non-finite weights outputs NaN: find where they came from (an adapter "
-                             "trained into NaN, a 16-bit overflow) and save again.")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as e:
-        raise ModelLoadError(f"cannot write into {folder.parent} ({e.strerror}); pick a folder you can write to.") from e
-    try:
-        if isinstance(loaded.model, ReferenceDecoder):
-            loaded.model.save_pretrained(staging)
-        else:
-            loaded.model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(staging)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
-
-
-def meta_model(path: str | Path) -> nn.Module:
-    """The model's module tree on the meta device (shapes only, no memory, no weights read),
-    from a model folder, a bare config.json, a .gguf file, or 'reference'."""
-    if str(path) == REFERENCE:
-        config = ReferenceConfig().to_dict()
-    elif gguf_file_in(Path(path)) is not None:
-        config = gguf_config(gguf_file_in(Path(path)))
-    else:
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ModelLoadError(f"{path} is neither a model folder nor a config.json file.")
-        config = read_model_config(file)
-    if config.get("model_type") == ReferenceConfig.model_type:
-        with torch.device("meta"):
-            return ReferenceDecoder(ReferenceConfig.from_dict(config))
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModelLoadError("a transformers config needs transformers: pip install 'peftkit[hf]'.") from e
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    try:
-        hf_config = transformers.AutoConfig.for_model(config.get("model_type", ""), **fields)
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: unknown or missing model_type {config.get('model_type')!r} ({e}).") from e
-    declared = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    with torch.device("meta"):
-        if isinstance(declared, type) and hasattr(declared, "_from_config"):
-            return declared._from_config(hf_config)  # the class the checkpoint was saved from
-        try:
-            return transformers.AutoModelForCausalLM.from_config(hf_config)
-        except ValueError:  # encoders such as BERT have no causal-LM head: count the bare model
-            return transformers.AutoModel.from_config(hf_config)

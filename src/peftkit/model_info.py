@@ -1,11 +1,54 @@
 """Readable facts about a model that ``peftkit info`` shows, from its config, its GGUF
-header or its safetensors header alone: no weights are read."""
+header or its safetensors header alone, and its module tree on the meta device: no weights
+are read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .loading import REFERENCE, ModelLoadError, gguf_file_in, meta_model, read_gguf_header, weights_file
+import torch
+from torch import nn
+
+from .loading import (
+    REFERENCE, ModelLoadError, gguf_config, gguf_file_in, read_gguf_header, read_model_config, weights_file,
+)
+from .models import ReferenceConfig, ReferenceDecoder
+
+
+def meta_model(path: str | Path) -> nn.Module:
+    """The model's module tree on the meta device (shapes only, no memory, no weights read),
+    from a model folder, a bare config.json, a .gguf file, or 'reference'."""
+    if str(path) == REFERENCE:
+        config = ReferenceConfig().to_dict()
+    elif gguf_file_in(Path(path)) is not None:
+        config = gguf_config(gguf_file_in(Path(path)))
+    else:
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ModelLoadError(f"{path} is neither a model folder nor a config.json file.")
+        config = read_model_config(file)
+    if config.get("model_type") == ReferenceConfig.model_type:
+        with torch.device("meta"):
+            return ReferenceDecoder(ReferenceConfig.from_dict(config))
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError("a transformers config needs transformers: pip install 'peftkit[hf]'.") from e
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        hf_config = transformers.AutoConfig.for_model(config.get("model_type", ""), **fields)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: unknown or missing model_type {config.get('model_type')!r} ({e}).") from e
+    declared = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    with torch.device("meta"):
+        if isinstance(declared, type) and hasattr(declared, "_from_config"):
+            return declared._from_config(hf_config)  # the class the checkpoint was saved from
+        try:
+            return transformers.AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:  # encoders such as BERT have no causal-LM head: count the bare model
+            return transformers.AutoModel.from_config(hf_config)
+
 
 
 def describe_model(path: str | Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import Example, collate
 from .models import ByteTokenizer, ReferenceConfig, ReferenceDecoder
-from .train import warmup_cosine
+from .learning_rates import warmup_cosine
 
 BASE_STEPS = 300  # full training steps that teach the reference decoder task A
 BASE_SEED = 0

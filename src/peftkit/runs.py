@@ -19,7 +19,8 @@ from .config import PeftConfig
 from . import adapter_files, distributed, packing
 from .model import PeftModel
 from .run_folder import ADAPTER, CHECKPOINTS, LOCK_FILE, LOG_FILE, RUN_FILE, RunFolderError, claim_out_dir, rewrite_log
-from .train import LORA_PLUS_RATIO, MAX_GRAD_NORM, evaluate, train
+from .train import MAX_GRAD_NORM, evaluate, train
+from .learning_rates import LORA_PLUS_RATIO
 from .train_checkpoints import newest_step
 from .precision import DEVICES, DTYPES, Precision, place, resolve_device, resolve_dtype
 from .nf4 import SCHEMES as QUANTIZE_SCHEMES

@@ -230,7 +230,8 @@ def test_load_onto_another_architecture_is_refused(tmp_path):
 
 
 def test_training_lowers_the_loss():
-    from peftkit.train import default_learning_rate, train
+    from peftkit.train import train
+    from peftkit.learning_rates import default_learning_rate
 
     pm = attach(tiny_reference(), "houlsby")
     assert default_learning_rate(pm.configs["default"]) == pytest.approx(1e-4)

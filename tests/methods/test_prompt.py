@@ -16,7 +16,7 @@ from virtual_tokens import (
 )
 
 import peftkit
-from peftkit.train import default_parameter_groups
+from peftkit.learning_rates import default_parameter_groups
 from peftkit.methods.prompt import PromptEncoder, initial_prompt, text_token_ids
 
 pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ from peftkit import LoraConfig, PrefixConfig
 from peftkit.data import build_dataset, collate
 from peftkit.loading import load_model
 from peftkit.methods.base import AdapterModule
-from peftkit.train import default_learning_rate
+from peftkit.learning_rates import default_learning_rate
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -51,7 +51,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..formats.adapter_folder import AdapterFileError
     from .. import registry
     from ..adapter_files import adapter_tensors, read_config
-    from ..loading import ModelLoadError, first_non_finite, load_model, save_model_folder
+    from ..loading import ModelLoadError, load_model
+    from ..model_folder import first_non_finite, save_model_folder
     from ..precision import dtype_named
 
     if args.out is None and args.gguf is None:
@@ -343,7 +344,8 @@ def _compared_methods(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Trainable parameters of each method on the real module tree, built on the meta device."""
-    from ..loading import ModelLoadError, meta_model
+    from ..loading import ModelLoadError
+    from ..model_info import meta_model
     from ..model import attach
 
     source = args.model or args.config
