@@ -226,12 +226,19 @@ def round_summary(seconds: dict[str, list[float]], ratios: Sequence[tuple[str, s
             for case, s in seconds.items()]
     out = []
     for case, reference, target in ratios:
-        per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
-        median = statistics.median(per_round)
-        out.append({"case": case, "reference": reference, "target": target, "per_round": per_round,
-                    "median_of_rounds": median, "of_min": min(seconds[case]) / min(seconds[reference]),
-                    "met": None if target is None else median <= target})
+        found = ratio_of_rounds(seconds[case], seconds[reference])
+        out.append({"case": case, "reference": reference, "target": target, **found,
+                    "met": None if target is None else found["median_of_rounds"] <= target})
     return {"results": rows, "ratios": out}
+
+
+def ratio_of_rounds(case: Sequence[float], reference: Sequence[float]) -> dict:
+    """One case's seconds over a reference's, round by round (two steps taken moments apart):
+    the per-round ratios, their median with its 95% interval (``median_interval``), and the
+    ratio of the two minima."""
+    per_round = [a / b for a, b in zip(case, reference)]
+    return {"median_of_rounds": statistics.median(per_round), "interval": median_interval(per_round),
+            "of_min": min(case) / min(reference), "per_round": per_round}
 
 
 MEDIAN_CONFIDENCE = 0.95

@@ -255,8 +255,7 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
     for case, reference, metric, limit in TARGETS:
         row = rows.get(case, {})
         if metric == "step":
-            value, interval, met = step_target(row.get("to_peft"), limit if limit is not None else float("inf"))
-            met = met if limit is not None else None
+            value, interval, met = step_target(row.get("to_peft"), limit)
         else:
             value, interval = row.get("rss_to_peft"), None
             met = None if value is None or limit is None else value <= limit

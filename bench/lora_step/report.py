@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 
 from bench.harness import (
-    MEDIAN_CONFIDENCE, error_cells, fmt, median_interval, reread_line, table_head, table_row,
+    MEDIAN_CONFIDENCE, error_cells, fmt, ratio_of_rounds, reread_line, table_head, table_row,
 )
 from bench.lora_step.cases import ABOVE_FLOOR, PEFT_COUNTERPART, TARGETS
 
@@ -20,21 +20,18 @@ def step_ratio(seconds: dict[str, list[float]], case: str, reference: str | None
     ratio of the two minima; None when either was not timed."""
     if reference is None or case not in seconds or reference not in seconds or case == reference:
         return None
-    per_round = [a / b for a, b in zip(seconds[case], seconds[reference])]
-    return {"reference": reference, "median_of_rounds": statistics.median(per_round),
-            "interval": median_interval(per_round), "of_min": min(seconds[case]) / min(seconds[reference]),
-            "per_round": per_round}
+    return {"reference": reference, **ratio_of_rounds(seconds[case], seconds[reference])}
 
 
-def step_target(found: dict | None, limit: float) -> tuple[float | None, list | None, bool | None]:
+def step_target(found: dict | None, limit: float | None) -> tuple[float | None, list | None, bool | None]:
     """(median of the per-round ratios, its interval, met) for a step target of ``limit``: met
     only when the whole interval is at or below the limit, missed when all of it is above,
-    None (undecided at this noise, or not measured) otherwise."""
+    None (undecided at this noise, not measured, or no limit: reported only) otherwise."""
     if found is None:
         return None, None, None
     interval = found.get("interval")
-    if interval is None:
-        return found["median_of_rounds"], None, None
+    if interval is None or limit is None:
+        return found["median_of_rounds"], interval and list(interval), None
     low, high = interval
     return found["median_of_rounds"], list(interval), True if high <= limit else False if low > limit else None
 
